@@ -1,0 +1,56 @@
+//! Generates the gRPC code and the descriptor set for server reflection from `proto/`.
+
+use std::{env, error::Error, path::PathBuf};
+
+/// Messages that carry personal data or secrets: prost derives no `Debug` for them, so a stray
+/// `{:?}` cannot print a value; `src/api/pb.rs` gives each a redacted `Debug` instead.
+const REDACTED: &[&str] = &[
+    ".kluis.v1.Subject",
+    ".kluis.v1.Name",
+    ".kluis.v1.Address",
+    ".kluis.v1.Contact",
+    ".kluis.v1.IpAddressRecord",
+    ".kluis.v1.Billing",
+    ".kluis.v1.Payment",
+    ".kluis.v1.Profile",
+    ".kluis.v1.Account",
+    ".kluis.v1.ActivityEntry",
+    ".kluis.v1.CreateSubjectRequest",
+    ".kluis.v1.CreateSubjectResponse",
+    ".kluis.v1.GetSubjectResponse",
+    ".kluis.v1.UpdateSubjectRequest",
+    ".kluis.v1.UpdateSubjectResponse",
+    ".kluis.v1.FindSubjectsRequest",
+    ".kluis.v1.FindSubjectsRequest.key",
+    ".kluis.v1.BatchGetSubjectsResponse",
+    ".kluis.v1.BatchGetSubjectsResult",
+    ".kluis.v1.BatchGetSubjectsResult.result",
+    ".kluis.v1.CreateCallerTokenResponse",
+];
+
+fn main() -> Result<(), Box<dyn Error>> {
+    // A fresh machine has no protoc: take the vendored one unless PROTOC points elsewhere.
+    let protoc = match env::var_os("PROTOC") {
+        Some(p) => PathBuf::from(p),
+        None => protoc_bin_vendored::protoc_bin_path()?,
+    };
+    let include = protoc_bin_vendored::include_path()?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    let protos = ["proto/kluis/v1/subject.proto", "proto/kluis/v1/admin.proto"];
+
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("kluis_descriptor.bin"))
+        .skip_debug(REDACTED.iter().copied())
+        .compile_with_config(
+            config,
+            &protos.map(PathBuf::from),
+            &[PathBuf::from("proto"), include],
+        )?;
+
+    // tonic-prost-build no longer emits these itself.
+    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-env-changed=PROTOC");
+    Ok(())
+}

@@ -1,0 +1,61 @@
+-- kluis core schema (SQLite). Never edit once landed; add a new migration instead.
+-- Times are integer microseconds since the Unix epoch; ids are 16-byte UUIDs.
+
+-- One row per root-key version: an HMAC over a fixed label, so a wrong root key stops start-up.
+CREATE TABLE root_key_checks (
+    version     INTEGER PRIMARY KEY,
+    check_value BLOB    NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+
+-- Key-encryption keys and service keys, wrapped under the root key.
+CREATE TABLE keys (
+    kind         TEXT    NOT NULL,
+    version      INTEGER NOT NULL,
+    state        TEXT    NOT NULL CHECK (state IN ('active', 'decrypt-only', 'retired')),
+    root_version INTEGER NOT NULL,
+    wrapped      BLOB    NOT NULL,
+    created_at   INTEGER NOT NULL,
+    PRIMARY KEY (kind, version)
+);
+
+-- One row per subject: its data key wrapped under a KEK, and every field leaf sealed under that
+-- data key in one record (few rows per create; see DESIGN.md §5).
+CREATE TABLE subjects (
+    id          BLOB    PRIMARY KEY,
+    dek_id      BLOB    NOT NULL,
+    kek_version INTEGER NOT NULL,
+    wrapped_dek BLOB    NOT NULL,
+    record      BLOB    NOT NULL,
+    version     INTEGER NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- HMAC-SHA256 blind indexes for equality lookup; the path is part of the HMAC input too.
+CREATE TABLE blind_index (
+    path        TEXT    NOT NULL,
+    digest      BLOB    NOT NULL,
+    subject_id  BLOB    NOT NULL REFERENCES subjects (id) ON DELETE CASCADE,
+    key_version INTEGER NOT NULL,
+    PRIMARY KEY (path, digest, subject_id)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX blind_index_unique_username ON blind_index (path, digest)
+    WHERE path = 'account.username';
+CREATE INDEX blind_index_by_subject ON blind_index (subject_id);
+
+-- Erased subjects keep only their pseudonymous id and the time of erasure.
+CREATE TABLE erased_subjects (
+    id        BLOB    PRIMARY KEY,
+    erased_at INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Callers and the SHA-256 of their token secrets.
+CREATE TABLE callers (
+    id          TEXT    PRIMARY KEY,
+    name        TEXT    NOT NULL,
+    role        TEXT    NOT NULL,
+    secret_hash BLOB    NOT NULL,
+    created_at  INTEGER NOT NULL,
+    revoked_at  INTEGER
+);

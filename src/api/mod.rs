@@ -1,0 +1,95 @@
+//! The gRPC surface: kluis services, health, reflection (v1 and v1alpha), the auth layer.
+
+mod admin;
+mod auth;
+mod convert;
+pub mod pb;
+mod status;
+mod subject;
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+pub use auth::RequestContext;
+
+use crate::domain::{Callers, Vault};
+
+/// Largest request message kluis decodes; a larger one is refused by the transport with
+/// `OUT_OF_RANGE` before any handler runs.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Serves every kluis service on `listener` until `shutdown` completes, then drains in-flight calls.
+pub async fn serve(
+    listener: TcpListener,
+    vault: Arc<Vault>,
+    callers: Arc<Callers>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::subject_service_server::SubjectServiceServer<subject::SubjectApi>>()
+        .await;
+    health
+        .set_serving::<pb::admin_service_server::AdminServiceServer<admin::AdminApi>>()
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError(e.to_string()))?;
+    // grpcurl and Python's grpcio client still speak v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError(e.to_string()))?;
+
+    let subjects =
+        pb::subject_service_server::SubjectServiceServer::new(subject::SubjectApi::new(vault))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let admin =
+        pb::admin_service_server::AdminServiceServer::new(admin::AdminApi::new(callers.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+
+    Server::builder()
+        .layer(auth::AuthLayer::new(callers))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(subjects)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| ServeError(e.to_string()))
+}
+
+/// The server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[error("gRPC server: {0}")]
+pub struct ServeError(String);
+
+/// Connects a health-protocol client to `addr` and asks whether the server is serving.
+pub async fn check_health(addr: SocketAddr) -> Result<bool, ServeError> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| ServeError(e.to_string()))?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| ServeError(e.to_string()))?;
+    let mut client = HealthClient::new(channel);
+    let response = client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map_err(|e| ServeError(e.to_string()))?;
+    Ok(response.into_inner().status == ServingStatus::Serving as i32)
+}

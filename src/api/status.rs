@@ -1,0 +1,56 @@
+//! The one mapping from domain errors to gRPC statuses (DESIGN.md §6), with no catch-all arm.
+//!
+//! Client errors are logged at info, server errors at warn or error with the request id; internal
+//! causes reach the log only, the caller gets the request id to quote.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::domain::DomainError;
+
+pub fn to_status(e: DomainError, request_id: &str) -> Status {
+    match e {
+        DomainError::InvalidArgument(violations) => {
+            let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
+            let message = format!("invalid {}", fields.join(", "));
+            tracing::info!(request_id, fields = %fields.join(","), "invalid argument");
+            let details = ErrorDetails::with_bad_request(
+                violations
+                    .into_iter()
+                    .map(|v| FieldViolation::new(v.field, v.description))
+                    .collect::<Vec<_>>(),
+            );
+            Status::with_error_details(Code::InvalidArgument, message, details)
+        }
+        DomainError::Unauthenticated(m) => {
+            tracing::info!(request_id, reason = m, "unauthenticated");
+            Status::unauthenticated(m)
+        }
+        DomainError::PermissionDenied(m) => {
+            tracing::info!(request_id, reason = %m, "permission denied");
+            Status::permission_denied(m)
+        }
+        e @ (DomainError::NotFound | DomainError::NotFoundNamed { .. }) => {
+            Status::not_found(e.to_string())
+        }
+        e @ DomainError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
+        e @ DomainError::Aborted { .. } => Status::aborted(e.to_string()),
+        DomainError::DataLoss { subject, path } => {
+            // Already logged at error where it was detected, with subject and path.
+            Status::data_loss(format!(
+                "stored data of subject {subject}{} failed authentication (request id {request_id})",
+                path.map(|p| format!(" at {p}")).unwrap_or_default()
+            ))
+        }
+        DomainError::Unavailable(cause) => {
+            tracing::warn!(request_id, cause = %cause, "unavailable");
+            Status::unavailable(format!(
+                "kluis cannot serve this now; retry (request id {request_id})"
+            ))
+        }
+        DomainError::Internal(cause) => {
+            tracing::error!(request_id, cause = %cause, "internal error");
+            Status::internal(format!("internal error (request id {request_id})"))
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Start-up and wiring: open the store, unlock the keyring, bootstrap the first operator, bind the
+//! listener. `Application::build` binds its own listener and exposes the port, so tests use port 0.
+
+use std::{
+    fs,
+    future::Future,
+    io::Write,
+    net::SocketAddr,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
+    path::Path,
+    sync::Arc,
+};
+
+use tokio::net::TcpListener;
+use zeroize::Zeroizing;
+
+use crate::{
+    api,
+    config::ServeArgs,
+    crypto::RootKey,
+    domain::{
+        Callers, Vault,
+        keys::{KeyringError, open_keyring},
+    },
+    store::{Store, StoreError},
+};
+
+/// Why kluis could not start. Messages name files and settings, never key material.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error("root key: {0}")]
+    RootKey(String),
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
+    #[error("first operator token: {0}")]
+    Bootstrap(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Serve(#[from] api::ServeError),
+}
+
+/// A built, not yet serving, kluis instance.
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    store: Store,
+    vault: Arc<Vault>,
+    callers: Arc<Callers>,
+}
+
+impl Application {
+    pub async fn build(args: &ServeArgs) -> Result<Self, StartupError> {
+        let data_dir = &args.storage.data_dir;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(|source| StartupError::DataDir {
+                path: data_dir.display().to_string(),
+                source,
+            })?;
+        let store = Store::open(&args.storage.database_url()).await?;
+        let root = load_root_key(args, &store).await?;
+        let keyring = Arc::new(open_keyring(&store, &root).await?);
+        drop(root);
+
+        let callers = Arc::new(Callers::new(store.clone()));
+        if let Some(token) = callers
+            .bootstrap_operator()
+            .await
+            .map_err(|e| StartupError::Bootstrap(e.to_string()))?
+        {
+            let path = args.operator_token_file();
+            write_secret_file(&path, &Zeroizing::new(format!("{}\n", token.as_str())))
+                .map_err(|e| StartupError::Bootstrap(format!("{}: {e}", path.display())))?;
+            tracing::info!(path = %path.display(), "first operator token written (mode 0600)");
+        }
+
+        let vault = Arc::new(Vault::new(store.clone(), keyring));
+        let listener =
+            TcpListener::bind(args.listen)
+                .await
+                .map_err(|source| StartupError::Listen {
+                    addr: args.listen,
+                    source,
+                })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartupError::Listen {
+                addr: args.listen,
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            local_addr,
+            store,
+            vault,
+            callers,
+        })
+    }
+
+    /// The address actually bound (the port is known even when port 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Serves until `shutdown` completes, then lets in-flight calls finish and commits queued writes.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartupError> {
+        tracing::info!(addr = %self.local_addr, backend = self.store.backend_name(), "kluis serving");
+        let result = api::serve(self.listener, self.vault, self.callers, shutdown).await;
+        self.store.close().await;
+        tracing::info!("kluis stopped");
+        Ok(result?)
+    }
+}
+
+/// The root key from `KLUIS_ROOT_KEY`, else the key file; on a fresh database without a key file a
+/// new key is generated and written (0600). A database that already has a key-check value but no
+/// key to match it is refused instead of being given a new key.
+async fn load_root_key(args: &ServeArgs, store: &Store) -> Result<RootKey, StartupError> {
+    if let Ok(text) = std::env::var("KLUIS_ROOT_KEY") {
+        let text = Zeroizing::new(text);
+        tracing::info!("root key taken from KLUIS_ROOT_KEY");
+        return RootKey::parse(&text)
+            .map_err(|e| StartupError::RootKey(format!("KLUIS_ROOT_KEY: {e}")));
+    }
+    let path = args.key_file();
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let text = Zeroizing::new(text);
+            if let Ok(meta) = fs::metadata(&path)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                tracing::warn!(path = %path.display(), "root key file is readable by group or others; chmod 600 it");
+            }
+            tracing::info!(path = %path.display(), "root key file loaded");
+            RootKey::parse(&text)
+                .map_err(|e| StartupError::RootKey(format!("{}: {e}", path.display())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if store.key_check(1).await?.is_some() {
+                return Err(StartupError::RootKey(format!(
+                    "{} does not exist, but this database was set up with a root key: restore the key \
+                     file or set KLUIS_ROOT_KEY (a new key could not read the existing data)",
+                    path.display()
+                )));
+            }
+            let root = RootKey::generate().map_err(|e| StartupError::RootKey(e.to_string()))?;
+            write_secret_file(&path, &root.to_file_contents())
+                .map_err(|e| StartupError::RootKey(format!("{}: {e}", path.display())))?;
+            tracing::info!(path = %path.display(), "new root key file written (mode 0600); back it up apart from the database");
+            Ok(root)
+        }
+        Err(e) => Err(StartupError::RootKey(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// Writes a new file readable by its owner only, durably.
+fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()
+}

@@ -1,0 +1,272 @@
+//! Callers, their roles and their tokens: authentication with a short, bounded cache.
+//!
+//! A token is checked against the SHA-256 stored for its id in constant time; an unknown id is
+//! checked against a dummy hash so timing does not tell whether the id exists. Lookups are cached
+//! for [`CACHE_TTL`]: a revocation takes effect at once on the instance that revoked and within
+//! that window (plus a database round trip) everywhere else.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use super::{DomainError, now_us};
+use crate::{
+    crypto::CallerToken,
+    store::{CallerRow, Store},
+};
+
+/// How long a caller row is trusted before it is read again (the revocation window elsewhere).
+pub const CACHE_TTL: Duration = Duration::from_secs(1);
+const CACHE_MAX: usize = 10_000;
+
+/// A caller's role (DESIGN.md §2). The policy issue makes roles file-driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    HostingBackend,
+    Billing,
+    MarketingMailer,
+    Operator,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [
+        Role::HostingBackend,
+        Role::Billing,
+        Role::MarketingMailer,
+        Role::Operator,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::HostingBackend => "hosting-backend",
+            Role::Billing => "billing",
+            Role::MarketingMailer => "marketing-mailer",
+            Role::Operator => "operator",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = DomainError;
+    fn from_str(s: &str) -> Result<Self, DomainError> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                DomainError::invalid(
+                    "role",
+                    "unknown role: expected hosting-backend, billing, marketing-mailer or operator",
+                )
+            })
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+}
+
+impl Caller {
+    /// Refuses the call unless the caller is an operator.
+    pub fn require_operator(&self, what: &str) -> Result<(), DomainError> {
+        if self.role == Role::Operator {
+            Ok(())
+        } else {
+            Err(DomainError::PermissionDenied(format!(
+                "{what} is for the operator role; caller has role {}",
+                self.role
+            )))
+        }
+    }
+}
+
+/// A caller as listed to operators: never the token or its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerInfo {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub created_at_us: i64,
+    pub revoked_at_us: Option<i64>,
+}
+
+impl From<&CallerRow> for CallerInfo {
+    fn from(r: &CallerRow) -> Self {
+        Self {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            role: r.role.clone(),
+            created_at_us: r.created_at,
+            revoked_at_us: r.revoked_at,
+        }
+    }
+}
+
+struct Cached {
+    row: Arc<CallerRow>,
+    fetched: Instant,
+}
+
+/// Authenticates tokens and manages callers.
+pub struct Callers {
+    store: Store,
+    cache: Mutex<HashMap<String, Cached>>,
+    dummy_hash: [u8; 32],
+}
+
+impl Callers {
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            cache: Mutex::new(HashMap::new()),
+            dummy_hash: [0x5a; 32],
+        }
+    }
+
+    /// Checks an `authorization` header value (`Bearer kluis_<id>_<secret>`).
+    pub async fn authenticate(&self, header: Option<&str>) -> Result<Caller, DomainError> {
+        let header = header.ok_or(DomainError::Unauthenticated(
+            "missing authorization: Bearer <token>",
+        ))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or(DomainError::Unauthenticated(
+                "authorization is not `Bearer <token>`",
+            ))?;
+        let token = CallerToken::parse(token.trim()).map_err(|_| {
+            DomainError::Unauthenticated("malformed token: expected kluis_<id>_<secret>")
+        })?;
+        let row = self.lookup(&token.id).await?;
+        let presented = token.secret_hash();
+        let stored: &[u8] = row
+            .as_ref()
+            .map_or(&self.dummy_hash[..], |r| &r.secret_hash[..]);
+        let matches: bool = presented.ct_eq(stored).into();
+        match row {
+            Some(row) if matches && row.revoked_at.is_none() => Ok(Caller {
+                id: row.id.clone(),
+                name: row.name.clone(),
+                role: row.role.parse().map_err(|_| {
+                    DomainError::Internal(format!("caller {} has an unknown role", row.id))
+                })?,
+            }),
+            Some(row) if matches => {
+                tracing::info!(caller_id = %row.id, "revoked token presented");
+                Err(DomainError::Unauthenticated("token revoked"))
+            }
+            _ => Err(DomainError::Unauthenticated("unknown token")),
+        }
+    }
+
+    async fn lookup(&self, id: &str) -> Result<Option<Arc<CallerRow>>, DomainError> {
+        if let Ok(cache) = self.cache.lock()
+            && let Some(hit) = cache.get(id)
+            && hit.fetched.elapsed() < CACHE_TTL
+        {
+            return Ok(Some(hit.row.clone()));
+        }
+        let Some(row) = self.store.caller(id).await? else {
+            return Ok(None);
+        };
+        let row = Arc::new(row);
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(
+                id.to_owned(),
+                Cached {
+                    row: row.clone(),
+                    fetched: Instant::now(),
+                },
+            );
+        }
+        Ok(Some(row))
+    }
+
+    /// Creates a caller; returns it with its token, which is not stored anywhere.
+    pub async fn create(
+        &self,
+        name: &str,
+        role: Role,
+    ) -> Result<(CallerInfo, Zeroizing<String>), DomainError> {
+        let name = caller_name(name)?;
+        let token = CallerToken::generate()?;
+        let row = CallerRow {
+            id: token.id.clone(),
+            name,
+            role: role.as_str().to_owned(),
+            secret_hash: token.secret_hash().to_vec(),
+            created_at: now_us(),
+            revoked_at: None,
+        };
+        self.store.insert_caller(&row).await?;
+        tracing::info!(caller_id = %row.id, caller = %row.name, role = %row.role, "caller created");
+        Ok((CallerInfo::from(&row), token.reveal()))
+    }
+
+    /// Revokes a caller's token; effective at once here (the cache entry is dropped).
+    pub async fn revoke(&self, id: &str) -> Result<CallerInfo, DomainError> {
+        let row = self
+            .store
+            .revoke_caller(id, now_us())
+            .await?
+            .ok_or(DomainError::NotFoundNamed { what: "caller" })?;
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.remove(id);
+        }
+        tracing::info!(caller_id = %row.id, "caller revoked");
+        Ok(CallerInfo::from(&row))
+    }
+
+    pub async fn list(&self) -> Result<Vec<CallerInfo>, DomainError> {
+        Ok(self
+            .store
+            .callers()
+            .await?
+            .iter()
+            .map(CallerInfo::from)
+            .collect())
+    }
+
+    /// On a database without callers, creates the first operator and returns its token.
+    pub async fn bootstrap_operator(&self) -> Result<Option<Zeroizing<String>>, DomainError> {
+        if self.store.count_callers().await? > 0 {
+            return Ok(None);
+        }
+        let (_, token) = self.create("operator", Role::Operator).await?;
+        Ok(Some(token))
+    }
+}
+
+/// A caller's name: 1 to 64 of `A-Z a-z 0-9 . _ @ -`.
+fn caller_name(name: &str) -> Result<String, DomainError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(DomainError::invalid(
+            "name",
+            "1 to 64 of A-Z a-z 0-9 . _ @ -",
+        ))
+    }
+}

@@ -1,0 +1,94 @@
+//! Opening the keyring at start-up: check the root key, then load (or create) the KEKs and service
+//! keys wrapped under it. Concurrent first starts of several instances agree on one set of keys.
+
+use std::collections::BTreeMap;
+
+use subtle::ConstantTimeEq;
+
+use super::now_us;
+use crate::{
+    crypto::{CryptoError, Keyring, RootKey, SecretKey, WrappedKey, key_check_value},
+    store::{KeyRow, Store, StoreError},
+};
+
+pub const KIND_KEK: &str = "kek";
+pub const KIND_BLIND_INDEX: &str = "blind-index";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error(
+        "the root key does not match this database (its key-check value differs): \
+         start kluis with the key file or KLUIS_ROOT_KEY this database was created with"
+    )]
+    WrongRootKey,
+    #[error("no active {0} key in the database")]
+    NoActiveKey(&'static str),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("crypto: {0}")]
+    Crypto(#[from] CryptoError),
+}
+
+/// Verifies `root` against the database and returns the unwrapped keyring.
+pub async fn open_keyring(store: &Store, root: &RootKey) -> Result<Keyring, KeyringError> {
+    let check = key_check_value(root);
+    let stored = store
+        .init_key_check(root.version(), &check, now_us())
+        .await?;
+    if !bool::from(stored.as_slice().ct_eq(&check)) {
+        return Err(KeyringError::WrongRootKey);
+    }
+    let keks = load_or_create(store, root, KIND_KEK).await?;
+    let indexes = load_or_create(store, root, KIND_BLIND_INDEX).await?;
+    let active_kek = keks
+        .iter()
+        .filter(|(_, (state, _))| state == "active")
+        .map(|(v, _)| *v)
+        .max()
+        .ok_or(KeyringError::NoActiveKey(KIND_KEK))?;
+    let (index_version, (_, index_key)) = indexes
+        .into_iter()
+        .filter(|(_, (state, _))| state == "active")
+        .max_by_key(|(v, _)| *v)
+        .ok_or(KeyringError::NoActiveKey(KIND_BLIND_INDEX))?;
+    let keks = keks
+        .into_iter()
+        .filter(|(_, (state, _))| state != "retired")
+        .map(|(v, (_, k))| (v, k))
+        .collect();
+    Ok(Keyring::new(keks, active_kek, index_version, index_key)?)
+}
+
+async fn load_or_create(
+    store: &Store,
+    root: &RootKey,
+    kind: &'static str,
+) -> Result<BTreeMap<u32, (String, SecretKey)>, KeyringError> {
+    let mut rows = store.keys(kind).await?;
+    if rows.is_empty() {
+        let key = SecretKey::random()?;
+        let wrapped = root.wrap(kind, 1, &key)?;
+        let row = KeyRow {
+            kind: kind.to_owned(),
+            version: 1,
+            state: "active".into(),
+            root_version: i64::from(wrapped.wrapping_version),
+            wrapped: wrapped.bytes,
+        };
+        store.insert_key_if_absent(&row, now_us()).await?;
+        rows = store.keys(kind).await?;
+    }
+    let mut out = BTreeMap::new();
+    for row in rows {
+        let version =
+            u32::try_from(row.version).map_err(|_| StoreError::Corrupt("key version".into()))?;
+        let wrapped = WrappedKey {
+            wrapping_version: u32::try_from(row.root_version)
+                .map_err(|_| StoreError::Corrupt("root version".into()))?,
+            bytes: row.wrapped,
+        };
+        let key = root.unwrap(kind, version, &wrapped)?;
+        out.insert(version, (row.state, key));
+    }
+    Ok(out)
+}

@@ -1,0 +1,419 @@
+//! Persistence behind one `Store` type with a SQLite and a PostgreSQL backend (sqlx, runtime
+//! queries). Rows hold only ciphertexts, wrapped keys, HMAC digests and metadata — never plaintext.
+//!
+//! Reads go straight to the pool; subject writes go through the group committer ([`writer`]), which
+//! drains concurrent requests into one transaction per batch.
+
+mod writer;
+
+use std::{str::FromStr, sync::Arc, time::Duration};
+
+use sqlx::{
+    Pool, Postgres, Sqlite,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+use uuid::Uuid;
+
+pub use writer::{WriteOp, WriteOutcome};
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// What can go wrong in the store. Messages carry ids and table names, never values.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// A unique blind index (`account.username`) already holds the value.
+    #[error("unique index {path} already holds this value")]
+    Duplicate { path: String },
+    /// Optimistic concurrency: the row changed since it was read.
+    #[error("stored version is {actual}")]
+    VersionMismatch { actual: u64 },
+    /// The database cannot be reached or refused the transaction.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A row that cannot be what kluis wrote (wrong length, negative version, …).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("invalid database URL: {0}")]
+    Url(String),
+    #[error("migration failed: {0}")]
+    Migrate(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::RowNotFound => StoreError::NotFound,
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+            // Database messages may quote values (e.g. a key in a constraint violation); keep
+            // only the code and the constraint name.
+            sqlx::Error::Database(db) => StoreError::Database(format!(
+                "code {} constraint {}",
+                db.code().as_deref().unwrap_or("?"),
+                db.constraint().unwrap_or("-")
+            )),
+            _ => StoreError::Database(e.to_string()),
+        }
+    }
+}
+
+/// A subject's row: the wrapped data key and the sealed record.
+#[derive(Debug, Clone)]
+pub struct SubjectRow {
+    pub id: Uuid,
+    pub dek_id: Uuid,
+    pub kek_version: u32,
+    pub wrapped_dek: Vec<u8>,
+    pub record: Vec<u8>,
+    pub version: u64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct RawSubjectRow {
+    id: Vec<u8>,
+    dek_id: Vec<u8>,
+    kek_version: i64,
+    wrapped_dek: Vec<u8>,
+    record: Vec<u8>,
+    version: i64,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl TryFrom<RawSubjectRow> for SubjectRow {
+    type Error = StoreError;
+    fn try_from(r: RawSubjectRow) -> Result<Self, StoreError> {
+        Ok(SubjectRow {
+            id: uuid_from(&r.id)?,
+            dek_id: uuid_from(&r.dek_id)?,
+            kek_version: u32::try_from(r.kek_version)
+                .map_err(|_| StoreError::Corrupt("kek_version".into()))?,
+            wrapped_dek: r.wrapped_dek,
+            record: r.record,
+            version: u64::try_from(r.version).map_err(|_| StoreError::Corrupt("version".into()))?,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+fn uuid_from(bytes: &[u8]) -> Result<Uuid, StoreError> {
+    Uuid::from_slice(bytes).map_err(|_| StoreError::Corrupt("uuid column".into()))
+}
+
+/// One blind-index entry of a subject.
+#[derive(Debug, Clone)]
+pub struct IndexEntry {
+    pub path: &'static str,
+    pub key_version: u32,
+    pub digest: [u8; 32],
+}
+
+/// A key wrapped under the root key, as stored in `keys`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyRow {
+    pub kind: String,
+    pub version: i64,
+    pub state: String,
+    pub root_version: i64,
+    pub wrapped: Vec<u8>,
+}
+
+/// A caller and its token hash, as stored in `callers`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CallerRow {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub secret_hash: Vec<u8>,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Clone)]
+pub(crate) enum Backend {
+    Sqlite(Pool<Sqlite>),
+    Postgres(Pool<Postgres>),
+}
+
+/// Runs `$body` with `$pool` bound to the backend's pool; the body is compiled once per backend,
+/// so each sees its own sqlx database type and placeholders (`$1` works in both).
+macro_rules! on_pool {
+    ($backend:expr, $pool:ident => $body:expr) => {
+        match $backend {
+            $crate::store::Backend::Sqlite($pool) => $body,
+            $crate::store::Backend::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
+/// The database, shared by every request of an instance.
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+    writer: Arc<writer::GroupCommitter>,
+}
+
+/// How an opened store is configured, for diagnostics and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Durability {
+    pub backend: &'static str,
+    /// SQLite's `PRAGMA synchronous` as read back from a pooled connection (2 = FULL).
+    pub sqlite_synchronous: Option<i64>,
+    pub sqlite_journal_mode: Option<String>,
+}
+
+impl Store {
+    /// Opens (creating a SQLite file if missing) and migrates the database at `url`.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let backend = if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(|e| StoreError::Url(e.to_string()))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // Every acknowledged write survives power loss.
+                .synchronous(SqliteSynchronous::Full)
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(10));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(6)
+                .min_connections(1)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options)
+                .await?;
+            Backend::Sqlite(pool)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let options =
+                PgConnectOptions::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options)
+                .await?;
+            Backend::Postgres(pool)
+        } else {
+            return Err(StoreError::Url(
+                "expected sqlite://… or postgres://…".into(),
+            ));
+        };
+        let store = Self {
+            writer: Arc::new(writer::GroupCommitter::start(backend.clone())),
+            backend,
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies the pending migrations of the backend's dialect (idempotent).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await,
+            Backend::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await,
+        }
+        .map_err(|e| StoreError::Migrate(e.to_string()))
+    }
+
+    /// Closes the pool after the queued writes have been committed.
+    pub async fn close(&self) {
+        self.writer.shutdown().await;
+        on_pool!(&self.backend, pool => pool.close().await)
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Reads the durability settings back from a pooled connection.
+    pub async fn durability(&self) -> Result<Durability, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(pool) => {
+                let mut conn = pool.acquire().await?;
+                let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                Ok(Durability {
+                    backend: "sqlite",
+                    sqlite_synchronous: Some(sync),
+                    sqlite_journal_mode: Some(mode),
+                })
+            }
+            Backend::Postgres(_) => Ok(Durability {
+                backend: "postgres",
+                sqlite_synchronous: None,
+                sqlite_journal_mode: None,
+            }),
+        }
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_pool!(&self.backend, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    // ---- keys -------------------------------------------------------------------------------
+
+    /// The stored key-check value of a root-key version.
+    pub async fn key_check(&self, root_version: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        let v = i64::from(root_version);
+        Ok(on_pool!(&self.backend, pool =>
+            sqlx::query_scalar("SELECT check_value FROM root_key_checks WHERE version = $1")
+                .bind(v)
+                .fetch_optional(pool)
+                .await)?)
+    }
+
+    /// Stores a key-check value unless one exists; returns the one that is stored afterwards, so two
+    /// instances starting at once agree.
+    pub async fn init_key_check(
+        &self,
+        root_version: u32,
+        check: &[u8],
+        now: i64,
+    ) -> Result<Vec<u8>, StoreError> {
+        let v = i64::from(root_version);
+        on_pool!(&self.backend, pool => sqlx::query(
+            "INSERT INTO root_key_checks (version, check_value, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (version) DO NOTHING")
+            .bind(v).bind(check.to_vec()).bind(now).execute(pool).await.map(|_| ()))?;
+        self.key_check(root_version)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    /// Every stored key of `kind`, newest version first.
+    pub async fn keys(&self, kind: &str) -> Result<Vec<KeyRow>, StoreError> {
+        let kind = kind.to_owned();
+        Ok(on_pool!(&self.backend, pool => sqlx::query_as::<_, KeyRow>(
+            "SELECT kind, version, state, root_version, wrapped FROM keys WHERE kind = $1 ORDER BY version DESC")
+            .bind(kind).fetch_all(pool).await)?)
+    }
+
+    /// Inserts a key unless that kind and version exist (concurrent first starts agree on one).
+    pub async fn insert_key_if_absent(&self, row: &KeyRow, now: i64) -> Result<(), StoreError> {
+        let row = row.clone();
+        on_pool!(&self.backend, pool => sqlx::query(
+            "INSERT INTO keys (kind, version, state, root_version, wrapped, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (kind, version) DO NOTHING")
+            .bind(row.kind.clone()).bind(row.version).bind(row.state.clone()).bind(row.root_version)
+            .bind(row.wrapped.clone()).bind(now).execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    // ---- subjects ---------------------------------------------------------------------------
+
+    pub async fn subject(&self, id: Uuid) -> Result<Option<SubjectRow>, StoreError> {
+        let raw = on_pool!(&self.backend, pool => sqlx::query_as::<_, RawSubjectRow>(
+            "SELECT id, dek_id, kek_version, wrapped_dek, record, version, created_at, updated_at \
+             FROM subjects WHERE id = $1")
+            .bind(id.as_bytes().to_vec()).fetch_optional(pool).await)?;
+        raw.map(SubjectRow::try_from).transpose()
+    }
+
+    /// The rows of those `ids` that exist, in no particular order.
+    pub async fn subjects(&self, ids: &[Uuid]) -> Result<Vec<SubjectRow>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raws: Vec<RawSubjectRow> = on_pool!(&self.backend, pool => {
+            let mut q = sqlx::QueryBuilder::new(
+                "SELECT id, dek_id, kek_version, wrapped_dek, record, version, created_at, updated_at \
+                 FROM subjects WHERE id IN (");
+            let mut list = q.separated(", ");
+            for id in ids {
+                list.push_bind(id.as_bytes().to_vec());
+            }
+            q.push(")");
+            q.build_query_as::<RawSubjectRow>().fetch_all(pool).await
+        })?;
+        raws.into_iter().map(SubjectRow::try_from).collect()
+    }
+
+    /// Subjects whose blind index at `path` equals `digest`.
+    pub async fn find(
+        &self,
+        path: &str,
+        digest: &[u8; 32],
+        limit: u32,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let (path, digest, limit) = (path.to_owned(), digest.to_vec(), i64::from(limit));
+        let ids: Vec<Vec<u8>> = on_pool!(&self.backend, pool => sqlx::query_scalar(
+            "SELECT subject_id FROM blind_index WHERE path = $1 AND digest = $2 ORDER BY subject_id LIMIT $3")
+            .bind(path).bind(digest).bind(limit).fetch_all(pool).await)?;
+        ids.iter().map(|b| uuid_from(b)).collect()
+    }
+
+    /// When the subject was erased, if it was.
+    pub async fn erased_at(&self, id: Uuid) -> Result<Option<i64>, StoreError> {
+        Ok(on_pool!(&self.backend, pool => sqlx::query_scalar(
+            "SELECT erased_at FROM erased_subjects WHERE id = $1")
+            .bind(id.as_bytes().to_vec()).fetch_optional(pool).await)?)
+    }
+
+    /// Queues a subject write for the group committer and waits until it is durable (or refused).
+    pub async fn write(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
+        self.writer.submit(op).await
+    }
+
+    // ---- callers ----------------------------------------------------------------------------
+
+    pub async fn insert_caller(&self, row: &CallerRow) -> Result<(), StoreError> {
+        let row = row.clone();
+        on_pool!(&self.backend, pool => sqlx::query(
+            "INSERT INTO callers (id, name, role, secret_hash, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(row.id.clone()).bind(row.name.clone()).bind(row.role.clone()).bind(row.secret_hash.clone())
+            .bind(row.created_at).bind(row.revoked_at).execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    pub async fn caller(&self, id: &str) -> Result<Option<CallerRow>, StoreError> {
+        let id = id.to_owned();
+        Ok(
+            on_pool!(&self.backend, pool => sqlx::query_as::<_, CallerRow>(
+            "SELECT id, name, role, secret_hash, created_at, revoked_at FROM callers WHERE id = $1")
+            .bind(id).fetch_optional(pool).await)?,
+        )
+    }
+
+    pub async fn callers(&self) -> Result<Vec<CallerRow>, StoreError> {
+        Ok(
+            on_pool!(&self.backend, pool => sqlx::query_as::<_, CallerRow>(
+            "SELECT id, name, role, secret_hash, created_at, revoked_at FROM callers ORDER BY created_at, id")
+            .fetch_all(pool).await)?,
+        )
+    }
+
+    pub async fn count_callers(&self) -> Result<i64, StoreError> {
+        Ok(
+            on_pool!(&self.backend, pool => sqlx::query_scalar("SELECT COUNT(*) FROM callers")
+            .fetch_one(pool).await)?,
+        )
+    }
+
+    /// Sets `revoked_at` once; revoking a revoked caller keeps the first time.
+    pub async fn revoke_caller(&self, id: &str, now: i64) -> Result<Option<CallerRow>, StoreError> {
+        let id_owned = id.to_owned();
+        on_pool!(&self.backend, pool => sqlx::query(
+            "UPDATE callers SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(now).bind(id_owned).execute(pool).await.map(|_| ()))?;
+        self.caller(id).await
+    }
+}
