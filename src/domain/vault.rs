@@ -20,8 +20,9 @@ use crate::{
 pub const MAX_BATCH_GET: usize = 100;
 /// Most ids one FindSubjects call returns.
 pub const MAX_FIND_RESULTS: u32 = 1000;
-/// How often an update without `expected_version` is retried when another write got there first.
-const UPDATE_ATTEMPTS: usize = 8;
+/// How long an update without `expected_version` keeps retrying when other writes to the same
+/// subject get there first (each round one of the competing writers wins).
+const UPDATE_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A subject as read: the leaves asked for that are stored, with their provenance.
 #[derive(Debug, Clone)]
@@ -169,7 +170,10 @@ impl Vault {
         source: Option<String>,
     ) -> Result<SubjectView, DomainError> {
         let source = source.unwrap_or_else(|| caller.name.clone());
-        for _ in 0..UPDATE_ATTEMPTS {
+        let deadline = std::time::Instant::now() + UPDATE_RETRY_WINDOW;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
             let row = self.store.subject(id).await?.ok_or(DomainError::NotFound)?;
             if let Some(expected) = expected_version
                 && expected != row.version
@@ -231,13 +235,19 @@ impl Vault {
                     if let Some(expected) = expected_version {
                         return Err(DomainError::Aborted { expected, actual });
                     }
+                    if std::time::Instant::now() > deadline {
+                        return Err(DomainError::Unavailable(format!(
+                            "subject {id} changed concurrently during {attempts} attempts; retry"
+                        )));
+                    }
+                    // Jitter, so the competing writers do not line up again in the next batch.
+                    let jitter_us =
+                        crate::crypto::random_bytes::<1>().map_or(0, |b| u64::from(b[0]) * 4);
+                    tokio::time::sleep(std::time::Duration::from_micros(jitter_us)).await;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(DomainError::Unavailable(format!(
-            "subject {id} changed concurrently {UPDATE_ATTEMPTS} times; retry"
-        )))
     }
 
     /// Erases a subject at once: DEK, ciphertexts and index entries in one transaction.

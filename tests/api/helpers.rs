@@ -1,0 +1,491 @@
+//! Test harness: `spawn_kluis()` starts the real server on 127.0.0.1:0 against a fresh database
+//! (SQLite in a temp dir, or a new PostgreSQL database when KLUIS_TEST_BACKEND=postgres) and hands
+//! out real gRPC clients. Logs of every in-process server are captured for the no-PII checks;
+//! TEST_LOG=1 also prints them.
+
+use std::{
+    io::Write,
+    net::SocketAddr,
+    path::PathBuf,
+    str::FromStr,
+    sync::{Arc, Mutex, OnceLock},
+};
+
+use kluis::{
+    Application, ServeArgs,
+    api::pb::{
+        self, admin_service_client::AdminServiceClient,
+        subject_service_client::SubjectServiceClient,
+    },
+};
+use sqlx::{Connection, Executor};
+use tonic::{
+    Request, Status,
+    metadata::{AsciiMetadataValue, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+
+// ---- captured logs ----------------------------------------------------------------------------
+
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = std::io::stdout().write_all(buf);
+        }
+        if let Ok(mut logs) = self.0.lock() {
+            logs.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_logs() {
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = Capture(buffer.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug,h2=info,hyper=info,tower=info,sqlx=info")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .try_init();
+        buffer
+    });
+}
+
+/// Everything every in-process server of this test binary has logged so far.
+pub fn captured_logs() -> String {
+    LOGS.get()
+        .and_then(|l| {
+            l.lock()
+                .ok()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+        })
+        .unwrap_or_default()
+}
+
+// ---- databases --------------------------------------------------------------------------------
+
+pub fn postgres_mode() -> bool {
+    std::env::var("KLUIS_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("KLUIS_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database of its own for one test: a temp dir for SQLite, a new database on PostgreSQL
+/// (dropped again when the last handle goes).
+pub struct TestDb {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pg_name: Option<String>,
+}
+
+impl TestDb {
+    pub async fn new() -> Arc<TestDb> {
+        let dir = tempfile::tempdir().unwrap();
+        if postgres_mode() {
+            let name = format!("kluis_t_{}", uuid::Uuid::new_v4().simple());
+            let admin = pg_admin_url();
+            let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+            conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .await
+                .unwrap();
+            let mut url = url_with_database(&admin, &name);
+            url.push_str("");
+            Arc::new(TestDb {
+                dir,
+                url,
+                pg_name: Some(name),
+            })
+        } else {
+            let url = format!("sqlite://{}", dir.path().join("kluis.db").display());
+            Arc::new(TestDb {
+                dir,
+                url,
+                pg_name: None,
+            })
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    /// A direct connection to the test database, for looking at (and tampering with) rows.
+    pub async fn raw(&self) -> Raw {
+        if self.pg_name.is_some() {
+            Raw::Pg(sqlx::PgPool::connect(&self.url).await.unwrap())
+        } else {
+            let options = sqlx::sqlite::SqliteConnectOptions::from_str(&self.url)
+                .unwrap()
+                .busy_timeout(std::time::Duration::from_secs(10));
+            Raw::Sqlite(sqlx::SqlitePool::connect_with(options).await.unwrap())
+        }
+    }
+}
+
+fn url_with_database(url: &str, db: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(name) = self.pg_name.take() {
+            let admin = pg_admin_url();
+            // A runtime of its own: Drop may run outside (or at the end of) the test's runtime.
+            let _ = std::thread::spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async move {
+                    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                        let _ = conn
+                            .execute(sqlx::AssertSqlSafe(format!(
+                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                            )))
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// Raw SQL access to a test database.
+pub enum Raw {
+    Sqlite(sqlx::SqlitePool),
+    Pg(sqlx::PgPool),
+}
+
+impl Raw {
+    pub async fn count(&self, sql: &'static str, id: &[u8]) -> i64 {
+        match self {
+            Raw::Sqlite(p) => sqlx::query_scalar(sql)
+                .bind(id.to_vec())
+                .fetch_one(p)
+                .await
+                .unwrap(),
+            Raw::Pg(p) => sqlx::query_scalar(sql)
+                .bind(id.to_vec())
+                .fetch_one(p)
+                .await
+                .unwrap(),
+        }
+    }
+
+    pub async fn count_all(&self, sql: &'static str) -> i64 {
+        match self {
+            Raw::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
+            Raw::Pg(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
+        }
+    }
+
+    pub async fn bytes(&self, sql: &'static str, id: &[u8]) -> Vec<u8> {
+        match self {
+            Raw::Sqlite(p) => sqlx::query_scalar(sql)
+                .bind(id.to_vec())
+                .fetch_one(p)
+                .await
+                .unwrap(),
+            Raw::Pg(p) => sqlx::query_scalar(sql)
+                .bind(id.to_vec())
+                .fetch_one(p)
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// Runs `sql` with `$1` = value and `$2` = id.
+    pub async fn set_bytes(&self, sql: &'static str, value: Vec<u8>, id: &[u8]) {
+        match self {
+            Raw::Sqlite(p) => {
+                sqlx::query(sql)
+                    .bind(value)
+                    .bind(id.to_vec())
+                    .execute(p)
+                    .await
+                    .unwrap();
+            }
+            Raw::Pg(p) => {
+                sqlx::query(sql)
+                    .bind(value)
+                    .bind(id.to_vec())
+                    .execute(p)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Every row of every kluis table as text (PostgreSQL: `row::text`, bytea in hex).
+    pub async fn pg_dump_text(&self) -> String {
+        let Raw::Pg(p) = self else {
+            return String::new();
+        };
+        let mut out = String::new();
+        for table in [
+            "subjects",
+            "blind_index",
+            "keys",
+            "root_key_checks",
+            "erased_subjects",
+            "callers",
+        ] {
+            let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT t::text FROM {table} t"
+            )))
+            .fetch_all(p)
+            .await
+            .unwrap();
+            out.push_str(&rows.join("\n"));
+        }
+        out
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Raw::Sqlite(p) => p.close().await,
+            Raw::Pg(p) => p.close().await,
+        }
+    }
+}
+
+// ---- servers and clients ----------------------------------------------------------------------
+
+/// Adds `authorization: Bearer <token>` to every call (none when the token is `None`).
+#[derive(Clone)]
+pub struct Bearer(Option<AsciiMetadataValue>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Subjects = SubjectServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// A running kluis on 127.0.0.1:0 with its operator token.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub operator_token: String,
+    pub db: Arc<TestDb>,
+    pub store: kluis::store::Store,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), kluis::StartupError>>>,
+    channel: Channel,
+}
+
+pub async fn spawn_kluis() -> TestApp {
+    spawn_on(TestDb::new().await).await
+}
+
+pub fn serve_args(db: &TestDb) -> ServeArgs {
+    ServeArgs::new(
+        "127.0.0.1:0".parse().unwrap(),
+        db.data_dir(),
+        postgres_mode().then(|| db.url.clone()),
+    )
+}
+
+/// Starts a server on an existing test database (a restart, or a second instance).
+pub async fn spawn_on(db: Arc<TestDb>) -> TestApp {
+    init_logs();
+    let app = Application::build(&serve_args(&db)).await.unwrap();
+    let addr = app.local_addr();
+    let store = app.store().clone();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until(async {
+        let _ = rx.await;
+    }));
+    let operator_token = std::fs::read_to_string(db.data_dir().join("operator.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    TestApp {
+        addr,
+        operator_token,
+        db,
+        store,
+        shutdown: Some(tx),
+        task: Some(task),
+        channel,
+    }
+}
+
+impl TestApp {
+    fn bearer(token: Option<&str>) -> Bearer {
+        Bearer(token.map(|t| MetadataValue::try_from(format!("Bearer {t}")).unwrap()))
+    }
+
+    /// SubjectService as the first operator.
+    pub fn subjects(&self) -> Subjects {
+        self.subjects_as(Some(&self.operator_token.clone()))
+    }
+
+    pub fn subjects_as(&self, token: Option<&str>) -> Subjects {
+        SubjectServiceClient::with_interceptor(self.channel.clone(), Self::bearer(token))
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    pub fn admin(&self) -> Admin {
+        self.admin_as(Some(&self.operator_token.clone()))
+    }
+
+    pub fn admin_as(&self, token: Option<&str>) -> Admin {
+        AdminServiceClient::with_interceptor(self.channel.clone(), Self::bearer(token))
+    }
+
+    /// A new caller of `role`; returns its token.
+    pub async fn token_for(&self, name: &str, role: &str) -> String {
+        self.admin()
+            .create_caller_token(pb::CreateCallerTokenRequest {
+                name: name.into(),
+                role: role.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+
+    /// Graceful stop: drains calls and commits queued writes.
+    pub async fn stop(mut self) -> Arc<TestDb> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+        self.db.clone()
+    }
+
+    pub async fn create(&self, subject: pb::Subject) -> pb::Subject {
+        self.subjects()
+            .create_subject(pb::CreateSubjectRequest {
+                subject: Some(subject),
+                source: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .subject
+            .unwrap()
+    }
+
+    pub async fn get(&self, id: &str) -> Result<pb::Subject, Status> {
+        self.subjects()
+            .get_subject(pb::GetSubjectRequest {
+                id: id.into(),
+                read_mask: None,
+            })
+            .await
+            .map(|r| r.into_inner().subject.unwrap())
+    }
+}
+
+// ---- fixtures ---------------------------------------------------------------------------------
+
+fn ts(seconds: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds, nanos: 0 }
+}
+
+fn address(tag: &str) -> pb::Address {
+    pb::Address {
+        street: format!("Koningsweg {tag}"),
+        house_number: "6".into(),
+        house_number_addition: "A".into(),
+        postal_code: "7672 GD".into(),
+        city: "Vriezenveen".into(),
+        country: "NL".into(),
+    }
+}
+
+/// A subject with every field path set; e-mail and username unique through `tag`.
+pub fn full_subject(tag: &str) -> pb::Subject {
+    pb::Subject {
+        name: Some(pb::Name {
+            given: format!("Given{tag}"),
+            family: format!("Family{tag}"),
+        }),
+        address: Some(address(tag)),
+        contact: Some(pb::Contact {
+            email: format!("Klant.{tag}@Example.nl"),
+            phone: "+31853033451".into(),
+        }),
+        ip_addresses: vec![
+            pb::IpAddressRecord {
+                address: "192.0.2.10".into(),
+                first_seen: Some(ts(1_700_000_000)),
+                last_seen: Some(ts(1_700_100_000)),
+            },
+            pb::IpAddressRecord {
+                address: "2001:db8::1".into(),
+                first_seen: None,
+                last_seen: None,
+            },
+        ],
+        billing: Some(pb::Billing {
+            company_name: format!("Bedrijf {tag} B.V."),
+            vat_number: "NL123456789B01".into(),
+            address: Some(address(&format!("b{tag}"))),
+        }),
+        payment: Some(pb::Payment {
+            iban: "NL91ABNA0417164300".into(),
+            account_holder: format!("Holder {tag}"),
+            psp_token: format!("psp_{tag}"),
+            method: pb::PaymentMethod::Ideal as i32,
+        }),
+        profile: Some(pb::Profile {
+            gender: pb::Gender::Female as i32,
+        }),
+        account: Some(pb::Account {
+            username: format!("user{tag}"),
+        }),
+        activity_log: vec![pb::ActivityEntry {
+            action: "login".into(),
+            time: Some(ts(1_700_000_500)),
+            ip_address: "192.0.2.10".into(),
+        }],
+        ..Default::default()
+    }
+}
+
+/// A short unique tag for fixtures.
+pub fn tag() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..10].to_owned()
+}

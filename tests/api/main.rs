@@ -1,0 +1,9 @@
+//! Integration tests: the real kluis server on 127.0.0.1:0, a real tonic client, a database of its
+//! own per test. KLUIS_TEST_BACKEND=postgres runs the same suite against PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod helpers;
+mod operations;
+mod security;
+mod subjects;
+mod validation;
