@@ -12,8 +12,7 @@ use prost::Message;
 use tonic::Code;
 
 use crate::helpers::{
-    Admin, Subjects, TestApp, TestDb, captured_logs, full_subject, serve_args, spawn_kluis,
-    spawn_on, tag,
+    Admin, Subjects, TestApp, captured_logs, full_subject, serve_args, spawn_kluis, spawn_on, tag,
 };
 
 /// Calls every kluis RPC once with these clients; returns (rpc, status code).
