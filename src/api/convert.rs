@@ -191,6 +191,35 @@ fn address_leaf(
     }
 }
 
+/// Which address of the subject a path belongs to.
+#[derive(Clone, Copy)]
+enum Side {
+    Home,
+    Billing,
+}
+
+/// The address and the part of it a path names, for the twelve address leaves.
+fn address_part(path: FieldPath) -> Option<(Side, AddressPart)> {
+    use AddressPart as A;
+    use FieldPath as P;
+    Some(match path {
+        P::AddressStreet => (Side::Home, A::Street),
+        P::AddressHouseNumber => (Side::Home, A::HouseNumber),
+        P::AddressHouseNumberAddition => (Side::Home, A::Addition),
+        P::AddressPostalCode => (Side::Home, A::PostalCode),
+        P::AddressCity => (Side::Home, A::City),
+        P::AddressCountry => (Side::Home, A::Country),
+        P::BillingAddressStreet => (Side::Billing, A::Street),
+        P::BillingAddressHouseNumber => (Side::Billing, A::HouseNumber),
+        P::BillingAddressHouseNumberAddition => (Side::Billing, A::Addition),
+        P::BillingAddressPostalCode => (Side::Billing, A::PostalCode),
+        P::BillingAddressCity => (Side::Billing, A::City),
+        P::BillingAddressCountry => (Side::Billing, A::Country),
+        _ => return None,
+    })
+}
+
+#[derive(Clone, Copy)]
 enum AddressPart {
     Street,
     HouseNumber,
@@ -212,17 +241,16 @@ fn leaf(s: &pb::Subject, path: FieldPath) -> Result<Option<FieldValue>, Vec<Viol
             values::text(v, max)
         })
     };
+    if let Some((side, part)) = address_part(path) {
+        let address = match side {
+            Side::Home => s.address.as_ref(),
+            Side::Billing => billing.and_then(|b| b.address.as_ref()),
+        };
+        return address_leaf(path, address, part);
+    }
     match path {
         P::NameGiven => text(name.map(|n| &n.given), values::MAX_NAME),
         P::NameFamily => text(name.map(|n| &n.family), values::MAX_NAME),
-        P::AddressStreet => address_leaf(path, s.address.as_ref(), AddressPart::Street),
-        P::AddressHouseNumber => address_leaf(path, s.address.as_ref(), AddressPart::HouseNumber),
-        P::AddressHouseNumberAddition => {
-            address_leaf(path, s.address.as_ref(), AddressPart::Addition)
-        }
-        P::AddressPostalCode => address_leaf(path, s.address.as_ref(), AddressPart::PostalCode),
-        P::AddressCity => address_leaf(path, s.address.as_ref(), AddressPart::City),
-        P::AddressCountry => address_leaf(path, s.address.as_ref(), AddressPart::Country),
         P::ContactEmail => text_leaf(path, contact.map_or("", |c| &c.email), |v| {
             Email::parse(v).map(Email::into_inner)
         }),
@@ -235,36 +263,6 @@ fn leaf(s: &pb::Subject, path: FieldPath) -> Result<Option<FieldValue>, Vec<Viol
             path,
             billing.map_or("", |b| &b.vat_number),
             values::vat_number,
-        ),
-        P::BillingAddressStreet => address_leaf(
-            path,
-            billing.and_then(|b| b.address.as_ref()),
-            AddressPart::Street,
-        ),
-        P::BillingAddressHouseNumber => address_leaf(
-            path,
-            billing.and_then(|b| b.address.as_ref()),
-            AddressPart::HouseNumber,
-        ),
-        P::BillingAddressHouseNumberAddition => address_leaf(
-            path,
-            billing.and_then(|b| b.address.as_ref()),
-            AddressPart::Addition,
-        ),
-        P::BillingAddressPostalCode => address_leaf(
-            path,
-            billing.and_then(|b| b.address.as_ref()),
-            AddressPart::PostalCode,
-        ),
-        P::BillingAddressCity => address_leaf(
-            path,
-            billing.and_then(|b| b.address.as_ref()),
-            AddressPart::City,
-        ),
-        P::BillingAddressCountry => address_leaf(
-            path,
-            billing.and_then(|b| b.address.as_ref()),
-            AddressPart::Country,
         ),
         P::PaymentIban => text_leaf(path, payment.map_or("", |p| &p.iban), |v| {
             Iban::parse(v).map(Iban::into_inner)
@@ -285,6 +283,19 @@ fn leaf(s: &pb::Subject, path: FieldPath) -> Result<Option<FieldValue>, Vec<Viol
             })
         }
         P::ActivityLog => activity_log(&s.activity_log),
+        // Handled above through address_part.
+        P::AddressStreet
+        | P::AddressHouseNumber
+        | P::AddressHouseNumberAddition
+        | P::AddressPostalCode
+        | P::AddressCity
+        | P::AddressCountry
+        | P::BillingAddressStreet
+        | P::BillingAddressHouseNumber
+        | P::BillingAddressHouseNumberAddition
+        | P::BillingAddressPostalCode
+        | P::BillingAddressCity
+        | P::BillingAddressCountry => Ok(None),
     }
 }
 
@@ -414,21 +425,25 @@ fn put(s: &mut pb::Subject, path: FieldPath, stored: &StoredField) {
         FieldValue::Enum(n) => *n,
         _ => 0,
     };
+    if let Some((side, part)) = address_part(path) {
+        let address = match side {
+            Side::Home => s.address.get_or_insert_with(Default::default),
+            Side::Billing => billing_address(s),
+        };
+        let slot = match part {
+            AddressPart::Street => &mut address.street,
+            AddressPart::HouseNumber => &mut address.house_number,
+            AddressPart::Addition => &mut address.house_number_addition,
+            AddressPart::PostalCode => &mut address.postal_code,
+            AddressPart::City => &mut address.city,
+            AddressPart::Country => &mut address.country,
+        };
+        *slot = text();
+        return;
+    }
     match path {
         P::NameGiven => s.name.get_or_insert_with(Default::default).given = text(),
         P::NameFamily => s.name.get_or_insert_with(Default::default).family = text(),
-        P::AddressStreet => s.address.get_or_insert_with(Default::default).street = text(),
-        P::AddressHouseNumber => {
-            s.address.get_or_insert_with(Default::default).house_number = text()
-        }
-        P::AddressHouseNumberAddition => {
-            s.address
-                .get_or_insert_with(Default::default)
-                .house_number_addition = text()
-        }
-        P::AddressPostalCode => s.address.get_or_insert_with(Default::default).postal_code = text(),
-        P::AddressCity => s.address.get_or_insert_with(Default::default).city = text(),
-        P::AddressCountry => s.address.get_or_insert_with(Default::default).country = text(),
         P::ContactEmail => s.contact.get_or_insert_with(Default::default).email = text(),
         P::ContactPhone => s.contact.get_or_insert_with(Default::default).phone = text(),
         P::IpAddresses => {
@@ -447,12 +462,6 @@ fn put(s: &mut pb::Subject, path: FieldPath, stored: &StoredField) {
             s.billing.get_or_insert_with(Default::default).company_name = text()
         }
         P::BillingVatNumber => s.billing.get_or_insert_with(Default::default).vat_number = text(),
-        P::BillingAddressStreet => billing_address(s).street = text(),
-        P::BillingAddressHouseNumber => billing_address(s).house_number = text(),
-        P::BillingAddressHouseNumberAddition => billing_address(s).house_number_addition = text(),
-        P::BillingAddressPostalCode => billing_address(s).postal_code = text(),
-        P::BillingAddressCity => billing_address(s).city = text(),
-        P::BillingAddressCountry => billing_address(s).country = text(),
         P::PaymentIban => s.payment.get_or_insert_with(Default::default).iban = text(),
         P::PaymentAccountHolder => {
             s.payment
@@ -475,6 +484,19 @@ fn put(s: &mut pb::Subject, path: FieldPath, stored: &StoredField) {
                     .collect();
             }
         }
+        // Set above through address_part.
+        P::AddressStreet
+        | P::AddressHouseNumber
+        | P::AddressHouseNumberAddition
+        | P::AddressPostalCode
+        | P::AddressCity
+        | P::AddressCountry
+        | P::BillingAddressStreet
+        | P::BillingAddressHouseNumber
+        | P::BillingAddressHouseNumberAddition
+        | P::BillingAddressPostalCode
+        | P::BillingAddressCity
+        | P::BillingAddressCountry => {}
     }
 }
 

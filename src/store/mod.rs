@@ -108,6 +108,22 @@ impl TryFrom<RawSubjectRow> for SubjectRow {
     }
 }
 
+/// Creates the SQLite file readable by its owner only (SQLite gives its -wal and -shm files the
+/// same mode); an existing file is left as it is.
+fn create_private_file(path: &std::path::Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.as_os_str().is_empty() || path.as_os_str() == ":memory:" || path.exists() {
+        return Ok(());
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(|_| ())
+        .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", path.display())))
+}
+
 fn uuid_from(bytes: &[u8]) -> Result<Uuid, StoreError> {
     Uuid::from_slice(bytes).map_err(|_| StoreError::Corrupt("uuid column".into()))
 }
@@ -187,6 +203,7 @@ impl Store {
                 .synchronous(SqliteSynchronous::Full)
                 .foreign_keys(true)
                 .busy_timeout(Duration::from_secs(10));
+            create_private_file(options.get_filename())?;
             let pool = SqlitePoolOptions::new()
                 .max_connections(6)
                 .min_connections(1)

@@ -2,6 +2,7 @@
 //! own per test. KLUIS_TEST_BACKEND=postgres runs the same suite against PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cli;
 mod helpers;
 mod operations;
 mod security;
