@@ -10,7 +10,6 @@ mod subject;
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 pub use auth::RequestContext;
@@ -62,9 +61,17 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(subjects)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
         .map_err(|e| ServeError(e.to_string()))
+}
+
+/// Accepted connections with Nagle off (small gRPC frames must not wait for delayed ACKs) and TCP
+/// keepalive on. `Server::tcp_nodelay` only applies to listeners tonic binds itself.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(std::time::Duration::from_secs(60)))
 }
 
 /// The server stopped with an error.

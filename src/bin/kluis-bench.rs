@@ -42,7 +42,7 @@ use std::{
     io::Read as _,
     net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitCode, Stdio},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -192,7 +192,17 @@ fn fail(message: impl Into<String>) -> BoxError {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kluis-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), BoxError> {
     let cli = Cli::parse();
     validate(&cli)?;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
@@ -201,18 +211,20 @@ async fn main() -> Result<(), BoxError> {
         Some(_) => None,
         None => Some(ServerGuard::spawn(&cli, &run_id).await?),
     };
-    let result = tokio::select! {
-        r = bench(&cli, &run_id, server.as_mut()) => r,
-        _ = tokio::signal::ctrl_c() => Err(fail("interrupted")),
+    let (result, interrupted) = tokio::select! {
+        r = bench(&cli, &run_id, server.as_mut()) => (r, false),
+        _ = tokio::signal::ctrl_c() => (Err(fail("interrupted")), true),
     };
-    if let Some(server) = server.as_mut()
-        && result.is_err()
-    {
-        server.keep = true;
-        eprintln!(
-            "kluis-bench: the server's data directory and log are kept in {}",
-            server.dir.display()
-        );
+    if let Some(server) = server.as_mut() {
+        if result.is_err() && !interrupted {
+            server.keep = true;
+        }
+        if server.keep {
+            eprintln!(
+                "kluis-bench: the server's data directory and log are kept in {}",
+                server.dir.display()
+            );
+        }
     }
     // Dropping the guard kills the server (and removes its data unless kept).
     drop(server);
@@ -384,6 +396,9 @@ async fn bench(
         report.rss_end = proc_memory(s.pid());
     }
     report.print_footer(cli, backend);
+    if let Some(s) = server.as_deref() {
+        println!("{}", s.log_summary());
+    }
     Ok(())
 }
 
@@ -1298,6 +1313,51 @@ impl ServerGuard {
             None => Ok(()),
         }
     }
+}
+
+impl ServerGuard {
+    /// How many warnings and errors the server logged (it runs with `KLUIS_LOG=warn`).
+    fn log_summary(&self) -> String {
+        let Ok(text) = std::fs::read_to_string(&self.log) else {
+            return format!("server log: cannot read {}", self.log.display());
+        };
+        let (mut warnings, mut errors, mut first) = (0u64, 0u64, None);
+        for line in text.lines() {
+            let line = strip_ansi(line);
+            if line.contains(" ERROR ") {
+                errors += 1;
+            } else if line.contains(" WARN ") {
+                warnings += 1;
+            } else {
+                continue;
+            }
+            first.get_or_insert(line);
+        }
+        match first {
+            None => "server log: no warnings or errors".to_owned(),
+            Some(first) => {
+                format!("server log: {warnings} warnings, {errors} errors; first: {first}")
+            }
+        }
+    }
+}
+
+/// `line` without terminal colour sequences (`ESC [ … letter`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl Drop for ServerGuard {
