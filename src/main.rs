@@ -10,6 +10,11 @@ use kluis::{
     store::Store,
 };
 
+/// mimalloc instead of glibc malloc: the server allocates many small buffers per call on every
+/// worker thread (see Cargo.toml).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "kluis",

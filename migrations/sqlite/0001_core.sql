@@ -20,9 +20,11 @@ CREATE TABLE keys (
 );
 
 -- One row per subject: its data key wrapped under a KEK, and every field leaf sealed under that
--- data key in one record (few rows per create; see DESIGN.md §5).
+-- data key in one record (few rows per create; see DESIGN.md §5). A rowid table on purpose: rows
+-- are kilobytes, and appending them by rowid (with a small unique index on the random id) avoids
+-- the page splits a WITHOUT ROWID table keyed by a random UUID would make.
 CREATE TABLE subjects (
-    id          BLOB    PRIMARY KEY,
+    id          BLOB    NOT NULL UNIQUE,
     dek_id      BLOB    NOT NULL,
     kek_version INTEGER NOT NULL,
     wrapped_dek BLOB    NOT NULL,
@@ -30,7 +32,7 @@ CREATE TABLE subjects (
     version     INTEGER NOT NULL,
     created_at  INTEGER NOT NULL,
     updated_at  INTEGER NOT NULL
-) WITHOUT ROWID;
+);
 
 -- HMAC-SHA256 blind indexes for equality lookup; the path is part of the HMAC input too.
 CREATE TABLE blind_index (

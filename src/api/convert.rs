@@ -398,8 +398,18 @@ pub fn to_timestamp(us: i64) -> Timestamp {
     }
 }
 
-/// The proto subject of a view: only the leaves the view holds are set.
-pub fn subject_message(view: &SubjectView) -> pb::Subject {
+/// Whether a read asked for `field_metadata`; an unknown view number is refused.
+pub fn full_view(view: i32) -> Result<bool, DomainError> {
+    match pb::SubjectView::try_from(view) {
+        Ok(pb::SubjectView::Full) => Ok(true),
+        Ok(pb::SubjectView::Basic | pb::SubjectView::Unspecified) => Ok(false),
+        Err(_) => Err(DomainError::invalid("view", "unknown view")),
+    }
+}
+
+/// The proto subject of a view: only the leaves the view holds are set; `field_metadata` only
+/// when `with_metadata`.
+pub fn subject_message(view: &SubjectView, with_metadata: bool) -> pb::Subject {
     let mut s = pb::Subject {
         id: view.id.to_string(),
         version: view.version,
@@ -409,6 +419,9 @@ pub fn subject_message(view: &SubjectView) -> pb::Subject {
     };
     for (path, stored) in &view.fields {
         put(&mut s, *path, stored);
+        if !with_metadata {
+            continue;
+        }
         s.field_metadata.push(pb::FieldMetadata {
             path: path.as_str().to_owned(),
             update_time: Some(to_timestamp(stored.updated_at_us)),

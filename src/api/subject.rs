@@ -43,7 +43,7 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
         let view = result.map_err(|e| to_status(e, &ctx.request_id))?;
         tracing::info!(subject = %view.id, paths = view.fields.len(), "subject created");
         Ok(Response::new(pb::CreateSubjectResponse {
-            subject: Some(convert::subject_message(&view)),
+            subject: Some(convert::subject_message(&view, true)),
         }))
     }
 
@@ -57,12 +57,13 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
             let id = convert::subject_id("id", &req.id)
                 .map_err(|v| DomainError::InvalidArgument(vec![v]))?;
             let paths = all_or(convert::mask_paths(req.read_mask.as_ref(), "read_mask")?);
-            self.vault.get(id, &paths).await
+            let full = convert::full_view(req.view)?;
+            Ok((self.vault.get(id, &paths).await?, full))
         }
         .await;
-        let view = result.map_err(|e| to_status(e, &ctx.request_id))?;
+        let (view, full) = result.map_err(|e| to_status(e, &ctx.request_id))?;
         Ok(Response::new(pb::GetSubjectResponse {
-            subject: Some(convert::subject_message(&view)),
+            subject: Some(convert::subject_message(&view, full)),
         }))
     }
 
@@ -93,7 +94,7 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
         let view = result.map_err(|e| to_status(e, &ctx.request_id))?;
         tracing::info!(subject = %view.id, version = view.version, "subject updated");
         Ok(Response::new(pb::UpdateSubjectResponse {
-            subject: Some(convert::subject_message(&view)),
+            subject: Some(convert::subject_message(&view, true)),
         }))
     }
 
@@ -138,16 +139,17 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
                 return Err(DomainError::InvalidArgument(violations));
             }
             let paths = all_or(convert::mask_paths(req.read_mask.as_ref(), "read_mask")?);
-            self.vault.batch_get(&ids, &paths).await
+            let full = convert::full_view(req.view)?;
+            Ok((self.vault.batch_get(&ids, &paths).await?, full))
         }
         .await;
-        let items = result.map_err(|e| to_status(e, &ctx.request_id))?;
+        let (items, full) = result.map_err(|e| to_status(e, &ctx.request_id))?;
         let results = items
             .into_iter()
             .map(|(id, item)| {
                 use pb::batch_get_subjects_result::Result as Item;
                 let result = match item {
-                    Ok(view) => Item::Subject(convert::subject_message(&view)),
+                    Ok(view) => Item::Subject(convert::subject_message(&view, full)),
                     Err(e) => {
                         let status = to_status(e, &ctx.request_id);
                         Item::Error(pb::ItemError {

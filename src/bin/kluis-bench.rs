@@ -494,6 +494,7 @@ async fn call(scenario: Scenario, conn: &mut Conn, ctx: &Context, pick: u64) -> 
                 .get_subject(pb::GetSubjectRequest {
                     id: id.clone(),
                     read_mask: None,
+                    view: 0,
                 })
                 .await
                 .map_err(status_text)?;

@@ -4,6 +4,7 @@
 //! Reads go straight to the pool; subject writes go through the group committer ([`writer`]), which
 //! drains concurrent requests into one transaction per batch.
 
+mod reader;
 mod writer;
 
 use std::{str::FromStr, sync::Arc, time::Duration};
@@ -21,7 +22,7 @@ static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/s
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
 /// What can go wrong in the store. Messages carry ids and table names, never values.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("not found")]
     NotFound,
@@ -178,8 +179,13 @@ pub(crate) use on_pool;
 /// The database, shared by every request of an instance.
 #[derive(Clone)]
 pub struct Store {
+    /// Reads.
     backend: Backend,
+    /// Writes outside the group committer (keys, callers) and migrations; for SQLite the pool of
+    /// the one writing connection, for PostgreSQL the same pool as reads.
+    write_backend: Backend,
     writer: Arc<writer::GroupCommitter>,
+    reader: Arc<reader::ReadCoalescer>,
 }
 
 /// How an opened store is configured, for diagnostics and tests.
@@ -194,7 +200,7 @@ pub struct Durability {
 impl Store {
     /// Opens (creating a SQLite file if missing) and migrates the database at `url`.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let backend = if url.starts_with("sqlite:") {
+        let (backend, write_backend) = if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)
                 .map_err(|e| StoreError::Url(e.to_string()))?
                 .create_if_missing(true)
@@ -202,15 +208,28 @@ impl Store {
                 // Every acknowledged write survives power loss.
                 .synchronous(SqliteSynchronous::Full)
                 .foreign_keys(true)
-                .busy_timeout(Duration::from_secs(10));
+                .busy_timeout(Duration::from_secs(10))
+                // Statement journals (savepoints) in memory, not in temp files.
+                .pragma("temp_store", "memory");
             create_private_file(options.get_filename())?;
-            let pool = SqlitePoolOptions::new()
-                .max_connections(6)
+            // Readers and the one writer get pools of their own: WAL lets them run side by side,
+            // and the writer's larger page cache holds the B-tree pages it keeps touching. The pool
+            // does not ping a local file before every use (a whole worker round trip per query).
+            let write = SqlitePoolOptions::new()
+                .max_connections(1)
                 .min_connections(1)
+                .test_before_acquire(false)
                 .acquire_timeout(Duration::from_secs(10))
-                .connect_with(options)
+                .connect_with(options.clone().pragma("cache_size", "-32768"))
                 .await?;
-            Backend::Sqlite(pool)
+            let read = SqlitePoolOptions::new()
+                .max_connections(4)
+                .min_connections(1)
+                .test_before_acquire(false)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options.pragma("cache_size", "-8192"))
+                .await?;
+            (Backend::Sqlite(read), Backend::Sqlite(write))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let options =
                 PgConnectOptions::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
@@ -219,15 +238,17 @@ impl Store {
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(options)
                 .await?;
-            Backend::Postgres(pool)
+            (Backend::Postgres(pool.clone()), Backend::Postgres(pool))
         } else {
             return Err(StoreError::Url(
                 "expected sqlite://… or postgres://…".into(),
             ));
         };
         let store = Self {
-            writer: Arc::new(writer::GroupCommitter::start(backend.clone())),
+            writer: Arc::new(writer::GroupCommitter::start(write_backend.clone())),
+            reader: Arc::new(reader::ReadCoalescer::start(backend.clone())),
             backend,
+            write_backend,
         };
         store.migrate().await?;
         Ok(store)
@@ -235,7 +256,7 @@ impl Store {
 
     /// Applies the pending migrations of the backend's dialect (idempotent).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        match &self.backend {
+        match &self.write_backend {
             Backend::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await,
             Backend::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await,
         }
@@ -245,7 +266,8 @@ impl Store {
     /// Closes the pool after the queued writes have been committed.
     pub async fn close(&self) {
         self.writer.shutdown().await;
-        on_pool!(&self.backend, pool => pool.close().await)
+        on_pool!(&self.backend, pool => pool.close().await);
+        on_pool!(&self.write_backend, pool => pool.close().await)
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -307,7 +329,7 @@ impl Store {
         now: i64,
     ) -> Result<Vec<u8>, StoreError> {
         let v = i64::from(root_version);
-        on_pool!(&self.backend, pool => sqlx::query(
+        on_pool!(&self.write_backend, pool => sqlx::query(
             "INSERT INTO root_key_checks (version, check_value, created_at) VALUES ($1, $2, $3) \
              ON CONFLICT (version) DO NOTHING")
             .bind(v).bind(check.to_vec()).bind(now).execute(pool).await.map(|_| ()))?;
@@ -327,7 +349,7 @@ impl Store {
     /// Inserts a key unless that kind and version exist (concurrent first starts agree on one).
     pub async fn insert_key_if_absent(&self, row: &KeyRow, now: i64) -> Result<(), StoreError> {
         let row = row.clone();
-        on_pool!(&self.backend, pool => sqlx::query(
+        on_pool!(&self.write_backend, pool => sqlx::query(
             "INSERT INTO keys (kind, version, state, root_version, wrapped, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (kind, version) DO NOTHING")
             .bind(row.kind.clone()).bind(row.version).bind(row.state.clone()).bind(row.root_version)
@@ -337,45 +359,28 @@ impl Store {
 
     // ---- subjects ---------------------------------------------------------------------------
 
+    /// One subject's row; concurrent calls are coalesced into one query ([`reader`]).
     pub async fn subject(&self, id: Uuid) -> Result<Option<SubjectRow>, StoreError> {
-        let raw = on_pool!(&self.backend, pool => sqlx::query_as::<_, RawSubjectRow>(
-            "SELECT id, dek_id, kek_version, wrapped_dek, record, version, created_at, updated_at \
-             FROM subjects WHERE id = $1")
-            .bind(id.as_bytes().to_vec()).fetch_optional(pool).await)?;
-        raw.map(SubjectRow::try_from).transpose()
+        self.reader.subject(id).await
     }
 
     /// The rows of those `ids` that exist, in no particular order.
     pub async fn subjects(&self, ids: &[Uuid]) -> Result<Vec<SubjectRow>, StoreError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let raws: Vec<RawSubjectRow> = on_pool!(&self.backend, pool => {
-            let mut q = sqlx::QueryBuilder::new(
-                "SELECT id, dek_id, kek_version, wrapped_dek, record, version, created_at, updated_at \
-                 FROM subjects WHERE id IN (");
-            let mut list = q.separated(", ");
-            for id in ids {
-                list.push_bind(id.as_bytes().to_vec());
-            }
-            q.push(")");
-            q.build_query_as::<RawSubjectRow>().fetch_all(pool).await
-        })?;
-        raws.into_iter().map(SubjectRow::try_from).collect()
+        Ok(reader::subjects_by_id(&self.backend, ids)
+            .await?
+            .into_values()
+            .collect())
     }
 
-    /// Subjects whose blind index at `path` equals `digest`.
+    /// Subjects whose blind index at `path` equals `digest`, at most `limit`, in id order;
+    /// concurrent lookups are coalesced into one query.
     pub async fn find(
         &self,
-        path: &str,
+        path: &'static str,
         digest: &[u8; 32],
         limit: u32,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let (path, digest, limit) = (path.to_owned(), digest.to_vec(), i64::from(limit));
-        let ids: Vec<Vec<u8>> = on_pool!(&self.backend, pool => sqlx::query_scalar(
-            "SELECT subject_id FROM blind_index WHERE path = $1 AND digest = $2 ORDER BY subject_id LIMIT $3")
-            .bind(path).bind(digest).bind(limit).fetch_all(pool).await)?;
-        ids.iter().map(|b| uuid_from(b)).collect()
+        self.reader.find(path, *digest, limit).await
     }
 
     /// When the subject was erased, if it was.
@@ -394,7 +399,7 @@ impl Store {
 
     pub async fn insert_caller(&self, row: &CallerRow) -> Result<(), StoreError> {
         let row = row.clone();
-        on_pool!(&self.backend, pool => sqlx::query(
+        on_pool!(&self.write_backend, pool => sqlx::query(
             "INSERT INTO callers (id, name, role, secret_hash, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(row.id.clone()).bind(row.name.clone()).bind(row.role.clone()).bind(row.secret_hash.clone())
             .bind(row.created_at).bind(row.revoked_at).execute(pool).await.map(|_| ()))?;
@@ -428,7 +433,7 @@ impl Store {
     /// Sets `revoked_at` once; revoking a revoked caller keeps the first time.
     pub async fn revoke_caller(&self, id: &str, now: i64) -> Result<Option<CallerRow>, StoreError> {
         let id_owned = id.to_owned();
-        on_pool!(&self.backend, pool => sqlx::query(
+        on_pool!(&self.write_backend, pool => sqlx::query(
             "UPDATE callers SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
             .bind(now).bind(id_owned).execute(pool).await.map(|_| ()))?;
         self.caller(id).await

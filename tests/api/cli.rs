@@ -63,6 +63,7 @@ async fn token_create_works_offline_and_the_token_is_accepted_by_the_server() {
         .get_subject(pb::GetSubjectRequest {
             id: uuid::Uuid::new_v4().to_string(),
             read_mask: None,
+            view: 0,
         })
         .await
         .unwrap_err();
@@ -86,6 +87,7 @@ async fn token_create_works_offline_and_the_token_is_accepted_by_the_server() {
         .get_subject(pb::GetSubjectRequest {
             id: uuid::Uuid::new_v4().to_string(),
             read_mask: None,
+            view: 0,
         })
         .await
         .unwrap_err();

@@ -407,11 +407,13 @@ impl TestApp {
             .unwrap()
     }
 
+    /// GetSubject with every path and `field_metadata` (SUBJECT_VIEW_FULL).
     pub async fn get(&self, id: &str) -> Result<pb::Subject, Status> {
         self.subjects()
             .get_subject(pb::GetSubjectRequest {
                 id: id.into(),
                 read_mask: None,
+                view: pb::SubjectView::Full as i32,
             })
             .await
             .map(|r| r.into_inner().subject.unwrap())

@@ -58,6 +58,7 @@ async fn two_servers_on_one_database_read_each_others_subjects() {
         .get_subject(pb::GetSubjectRequest {
             id: from_b.id.clone(),
             read_mask: None,
+            view: 0,
         })
         .await
         .unwrap();

@@ -34,6 +34,7 @@ async fn every_rpc(mut s: Subjects, mut a: Admin) -> Vec<(&'static str, Code)> {
                 s.get_subject(pb::GetSubjectRequest {
                     id: id.clone(),
                     read_mask: None,
+                    view: 0,
                 })
                 .await
                 .map(|_| ()),
@@ -179,6 +180,7 @@ async fn a_revoked_token_fails_on_another_instance_within_two_seconds() {
                 .get_subject(pb::GetSubjectRequest {
                     id,
                     read_mask: None,
+                    view: 0,
                 })
                 .await
                 .map(|_| ())
@@ -404,6 +406,7 @@ async fn a_tampered_ciphertext_reads_as_data_loss() {
             read_mask: Some(prost_types::FieldMask {
                 paths: vec!["name".into()],
             }),
+            view: 0,
         })
         .await;
     assert!(ok.is_ok());

@@ -55,6 +55,7 @@ async fn read_mask_returns_only_the_paths_asked_for() {
         .get_subject(pb::GetSubjectRequest {
             id: created.id.clone(),
             read_mask: mask(&["name.given", "billing.address"]),
+            view: pb::SubjectView::Full as i32,
         })
         .await
         .unwrap()
@@ -67,6 +68,40 @@ async fn read_mask_returns_only_the_paths_asked_for() {
     assert!(!got.name.as_ref().unwrap().given.is_empty());
     assert!(got.contact.is_none() && got.payment.is_none() && got.ip_addresses.is_empty());
     assert_eq!(got.billing.unwrap().address.unwrap().city, "Vriezenveen");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_basic_view_returns_values_without_field_metadata() {
+    let app = spawn_kluis().await;
+    let created = app.create(full_subject(&tag())).await;
+    assert_eq!(
+        created.field_metadata.len(),
+        26,
+        "a create answers with the full view"
+    );
+    let read = |view: i32| {
+        let mut client = app.subjects();
+        let id = created.id.clone();
+        async move {
+            client
+                .get_subject(pb::GetSubjectRequest {
+                    id,
+                    read_mask: None,
+                    view,
+                })
+                .await
+        }
+    };
+    let basic = read(pb::SubjectView::Unspecified as i32)
+        .await
+        .unwrap()
+        .into_inner()
+        .subject
+        .unwrap();
+    assert!(basic.field_metadata.is_empty());
+    assert!(data_only(basic) == data_only(app.get(&created.id).await.unwrap()));
+    let err = read(7).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,6 +430,7 @@ async fn batch_get_answers_each_id_found_or_not_found() {
         .batch_get_subjects(pb::BatchGetSubjectsRequest {
             ids: vec![a.id.clone(), unknown.clone(), b.id.clone(), a.id.clone()],
             read_mask: mask(&["contact.email"]),
+            view: 0,
         })
         .await
         .unwrap()
@@ -423,6 +459,7 @@ async fn batch_get_answers_each_id_found_or_not_found() {
         .batch_get_subjects(pb::BatchGetSubjectsRequest {
             ids: too_many,
             read_mask: None,
+            view: 0,
         })
         .await
         .unwrap_err();
@@ -477,6 +514,7 @@ async fn erase_makes_every_read_not_found_and_destroys_key_and_index() {
         .batch_get_subjects(pb::BatchGetSubjectsRequest {
             ids: vec![victim.id.clone()],
             read_mask: None,
+            view: 0,
         })
         .await
         .unwrap()

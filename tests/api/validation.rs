@@ -65,6 +65,7 @@ async fn bad_inputs_are_refused_with_the_field_named_and_nothing_written() {
         Call::Get(pb::GetSubjectRequest {
             id: id.into(),
             read_mask: mask(paths),
+            view: 0,
         })
     };
     let ts_bad_nanos = Timestamp {
@@ -291,6 +292,7 @@ async fn bad_inputs_are_refused_with_the_field_named_and_nothing_written() {
             Call::Batch(pb::BatchGetSubjectsRequest {
                 ids: vec![existing.id.clone(), "zzz".into()],
                 read_mask: None,
+                view: 0,
             }),
             invalid,
             Some("ids[1]"),
