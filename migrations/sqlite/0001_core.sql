@@ -29,22 +29,26 @@ CREATE TABLE subjects (
     kek_version INTEGER NOT NULL,
     wrapped_dek BLOB    NOT NULL,
     record      BLOB    NOT NULL,
+    -- The subject's blind-index entries (path, key version, digest), so erasure and updates find
+    -- them by primary key without a second index on blind_index.
+    index_keys  BLOB    NOT NULL,
     version     INTEGER NOT NULL,
     created_at  INTEGER NOT NULL,
     updated_at  INTEGER NOT NULL
 );
 
--- HMAC-SHA256 blind indexes for equality lookup; the path is part of the HMAC input too.
+-- HMAC-SHA256 blind indexes for equality lookup; the path is part of the HMAC input too. Every
+-- entry is also listed in its subject's index_keys and removed with it (no foreign key: a
+-- cascade would need a second index here, and every create writes four entries at random places).
 CREATE TABLE blind_index (
     path        TEXT    NOT NULL,
     digest      BLOB    NOT NULL,
-    subject_id  BLOB    NOT NULL REFERENCES subjects (id) ON DELETE CASCADE,
+    subject_id  BLOB    NOT NULL,
     key_version INTEGER NOT NULL,
     PRIMARY KEY (path, digest, subject_id)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX blind_index_unique_username ON blind_index (path, digest)
     WHERE path = 'account.username';
-CREATE INDEX blind_index_by_subject ON blind_index (subject_id);
 
 -- Erased subjects keep only their pseudonymous id and the time of erasure.
 CREATE TABLE erased_subjects (

@@ -109,6 +109,31 @@ impl TryFrom<RawSubjectRow> for SubjectRow {
     }
 }
 
+/// How often the WAL is copied back into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Copies committed WAL frames into the database file from a reader connection, so the writer's
+/// commits never stop to checkpoint. PASSIVE never blocks readers or the writer; the WAL starts
+/// over once a checkpoint completed. Ends when the pool is closed.
+async fn checkpoint_loop(pool: Pool<Sqlite>) {
+    let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&pool)
+            .await
+        {
+            Ok((busy, log, done)) => tracing::trace!(busy, log, done, "checkpoint"),
+            Err(sqlx::Error::PoolClosed) => return,
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+        }
+    }
+}
+
 /// Creates the SQLite file readable by its owner only (SQLite gives its -wal and -shm files the
 /// same mode); an existing file is left as it is.
 fn create_private_file(path: &std::path::Path) -> Result<(), StoreError> {
@@ -220,7 +245,13 @@ impl Store {
                 .min_connections(1)
                 .test_before_acquire(false)
                 .acquire_timeout(Duration::from_secs(10))
-                .connect_with(options.clone().pragma("cache_size", "-32768"))
+                .connect_with(
+                    options
+                        .clone()
+                        .pragma("cache_size", "-32768")
+                        // Checkpoints run in the background (below), not inside a commit.
+                        .pragma("wal_autocheckpoint", "0"),
+                )
                 .await?;
             let read = SqlitePoolOptions::new()
                 .max_connections(4)
@@ -229,6 +260,7 @@ impl Store {
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(options.pragma("cache_size", "-8192"))
                 .await?;
+            tokio::spawn(checkpoint_loop(read.clone()));
             (Backend::Sqlite(read), Backend::Sqlite(write))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let options =

@@ -98,20 +98,95 @@ fn unique_violation(e: sqlx::Error) -> StoreError {
     }
 }
 
+/// A subject's index entry as listed in `subjects.index_keys`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StoredIndexKey {
+    path: String,
+    key_version: u32,
+    digest: Vec<u8>,
+}
+
+impl From<&IndexEntry> for StoredIndexKey {
+    fn from(e: &IndexEntry) -> Self {
+        Self {
+            path: e.path.to_owned(),
+            key_version: e.key_version,
+            digest: e.digest.to_vec(),
+        }
+    }
+}
+
+/// `index_keys`: per entry, path length (u8), path, key version (u32 BE), digest length (u8), digest.
+fn encode_stored_keys(keys: &[StoredIndexKey]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(keys.len() * 56);
+    for k in keys {
+        out.push(k.path.len() as u8);
+        out.extend_from_slice(k.path.as_bytes());
+        out.extend_from_slice(&k.key_version.to_be_bytes());
+        out.push(k.digest.len() as u8);
+        out.extend_from_slice(&k.digest);
+    }
+    out
+}
+
+fn encode_index_keys(entries: &[IndexEntry]) -> Vec<u8> {
+    encode_stored_keys(&entries.iter().map(StoredIndexKey::from).collect::<Vec<_>>())
+}
+
+fn decode_index_keys(mut bytes: &[u8]) -> Result<Vec<StoredIndexKey>, StoreError> {
+    let corrupt = || StoreError::Corrupt("subjects.index_keys".into());
+    let take = |n: usize, bytes: &mut &[u8]| -> Result<Vec<u8>, StoreError> {
+        if bytes.len() < n {
+            return Err(corrupt());
+        }
+        let (head, tail) = bytes.split_at(n);
+        *bytes = tail;
+        Ok(head.to_vec())
+    };
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let len = usize::from(take(1, &mut bytes)?[0]);
+        let path = String::from_utf8(take(len, &mut bytes)?).map_err(|_| corrupt())?;
+        let version: [u8; 4] = take(4, &mut bytes)?.try_into().map_err(|_| corrupt())?;
+        let dlen = usize::from(take(1, &mut bytes)?[0]);
+        let digest = take(dlen, &mut bytes)?;
+        out.push(StoredIndexKey {
+            path,
+            key_version: u32::from_be_bytes(version),
+            digest,
+        });
+    }
+    Ok(out)
+}
+
+/// Deletes one blind-index entry by its primary key.
+macro_rules! delete_index_entry {
+    ($conn:expr, $key:expr, $subject:expr) => {
+        sqlx::query("DELETE FROM blind_index WHERE path = $1 AND digest = $2 AND subject_id = $3")
+            .bind($key.path.clone())
+            .bind($key.digest.clone())
+            .bind($subject.clone())
+            .execute(&mut *$conn)
+            .await
+            .map(|_| ())
+    };
+}
+
 /// Inserts subjects and their index entries with one multi-row INSERT per table.
 macro_rules! bulk_create {
     ($conn:expr, $rows:expr) => {{
         async {
             let rows = $rows;
             let mut q = sqlx::QueryBuilder::new(
-                "INSERT INTO subjects (id, dek_id, kek_version, wrapped_dek, record, version, created_at, updated_at) ",
+                "INSERT INTO subjects (id, dek_id, kek_version, wrapped_dek, record, index_keys, version, created_at, updated_at) ",
             );
-            q.push_values(rows.iter(), |mut b, (row, _)| {
+            q.push_values(rows.iter(), |mut b, (row, index)| {
                 b.push_bind(row.id.as_bytes().to_vec())
                     .push_bind(row.dek_id.as_bytes().to_vec())
                     .push_bind(i64::from(row.kek_version))
                     .push_bind(row.wrapped_dek.clone())
                     .push_bind(row.record.clone())
+                    .push_bind(encode_index_keys(index))
                     .push_bind(row.version as i64)
                     .push_bind(row.created_at)
                     .push_bind(row.updated_at);
@@ -155,33 +230,33 @@ macro_rules! apply_one {
                     add_index,
                 } => {
                     let idb = id.as_bytes().to_vec();
-                    let done = sqlx::query(
-                        "UPDATE subjects SET record = $1, version = version + 1, updated_at = $2 \
-                         WHERE id = $3 AND version = $4",
+                    let current: Option<(i64, Vec<u8>)> =
+                        sqlx::query_as("SELECT version, index_keys FROM subjects WHERE id = $1")
+                            .bind(idb.clone())
+                            .fetch_optional(&mut *$conn)
+                            .await?;
+                    let (version, keys) = current.ok_or(StoreError::NotFound)?;
+                    if version != *read_version as i64 {
+                        return Err(StoreError::VersionMismatch { actual: version as u64 });
+                    }
+                    let (replaced, mut kept): (Vec<StoredIndexKey>, Vec<StoredIndexKey>) = decode_index_keys(&keys)?
+                        .into_iter()
+                        .partition(|k| replace_index_paths.contains(&k.path.as_str()));
+                    for old in replaced {
+                        delete_index_entry!($conn, &old, &idb)?;
+                    }
+                    kept.extend(add_index.iter().map(StoredIndexKey::from));
+                    sqlx::query(
+                        "UPDATE subjects SET record = $1, version = version + 1, updated_at = $2, index_keys = $3 \
+                         WHERE id = $4 AND version = $5",
                     )
                     .bind(record.clone())
                     .bind(*updated_at)
+                    .bind(encode_stored_keys(&kept))
                     .bind(idb.clone())
                     .bind(*read_version as i64)
                     .execute(&mut *$conn)
                     .await?;
-                    if done.rows_affected() == 0 {
-                        let actual: Option<i64> = sqlx::query_scalar("SELECT version FROM subjects WHERE id = $1")
-                            .bind(idb.clone())
-                            .fetch_optional(&mut *$conn)
-                            .await?;
-                        return Err(match actual {
-                            Some(v) => StoreError::VersionMismatch { actual: v as u64 },
-                            None => StoreError::NotFound,
-                        });
-                    }
-                    for path in replace_index_paths {
-                        sqlx::query("DELETE FROM blind_index WHERE subject_id = $1 AND path = $2")
-                            .bind(idb.clone())
-                            .bind(*path)
-                            .execute(&mut *$conn)
-                            .await?;
-                    }
                     for e in add_index {
                         sqlx::query("INSERT INTO blind_index (path, digest, subject_id, key_version) VALUES ($1, $2, $3, $4)")
                             .bind(e.path)
@@ -196,10 +271,14 @@ macro_rules! apply_one {
                 }
                 WriteOp::Erase { id, at } => {
                     let idb = id.as_bytes().to_vec();
-                    sqlx::query("DELETE FROM blind_index WHERE subject_id = $1")
+                    let keys: Vec<u8> = sqlx::query_scalar("SELECT index_keys FROM subjects WHERE id = $1")
                         .bind(idb.clone())
-                        .execute(&mut *$conn)
-                        .await?;
+                        .fetch_optional(&mut *$conn)
+                        .await?
+                        .ok_or(StoreError::NotFound)?;
+                    for old in decode_index_keys(&keys)? {
+                        delete_index_entry!($conn, &old, &idb)?;
+                    }
                     let gone = sqlx::query("DELETE FROM subjects WHERE id = $1")
                         .bind(idb.clone())
                         .execute(&mut *$conn)
@@ -235,8 +314,16 @@ async fn run(backend: Backend, mut rx: mpsc::Receiver<(WriteOp, Reply)>) {
 
 /// Commits `ops` in one transaction; one result per op, in order.
 async fn commit_batch(backend: &Backend, ops: &[WriteOp]) -> Vec<Result<WriteOutcome, StoreError>> {
+    let started = std::time::Instant::now();
     match try_commit_batch(backend, ops).await {
-        Ok(results) => results,
+        Ok(results) => {
+            tracing::trace!(
+                batch = ops.len(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "batch committed"
+            );
+            results
+        }
         Err(e) => {
             tracing::error!(error = %e, batch = ops.len(), "group commit failed; batch refused");
             ops.iter()
@@ -303,10 +390,37 @@ async fn try_commit_batch(
                 }
             }
         }
+        let commit_started = std::time::Instant::now();
         tx.commit().await?;
+        tracing::trace!(commit_us = commit_started.elapsed().as_micros() as u64, "commit");
         Ok(results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(StoreError::Database("write not applied".into()))))
             .collect())
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_keys_round_trip() {
+        let keys = vec![
+            StoredIndexKey {
+                path: "contact.email".into(),
+                key_version: 1,
+                digest: vec![7; 32],
+            },
+            StoredIndexKey {
+                path: "account.username".into(),
+                key_version: 3,
+                digest: vec![9; 32],
+            },
+        ];
+        assert_eq!(decode_index_keys(&encode_stored_keys(&keys)).unwrap(), keys);
+        assert!(decode_index_keys(&[5, b'a']).is_err(), "truncated");
+        assert!(decode_index_keys(&[]).unwrap().is_empty());
+    }
 }
