@@ -248,7 +248,7 @@ impl Store {
                 .connect_with(
                     options
                         .clone()
-                        .pragma("cache_size", "-32768")
+                        .pragma("cache_size", "-16384")
                         // Checkpoints run in the background (below), not inside a commit.
                         .pragma("wal_autocheckpoint", "0"),
                 )
@@ -258,7 +258,7 @@ impl Store {
                 .min_connections(1)
                 .test_before_acquire(false)
                 .acquire_timeout(Duration::from_secs(10))
-                .connect_with(options.pragma("cache_size", "-8192"))
+                .connect_with(options.pragma("cache_size", "-4096"))
                 .await?;
             tokio::spawn(checkpoint_loop(read.clone()));
             (Backend::Sqlite(read), Backend::Sqlite(write))
