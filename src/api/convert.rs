@@ -308,8 +308,14 @@ fn too_many(path: FieldPath, len: usize) -> Option<Vec<Violation>> {
     })
 }
 
-fn ip_addresses(list: &[pb::IpAddressRecord]) -> Result<Option<FieldValue>, Vec<Violation>> {
-    let path = FieldPath::IpAddresses;
+/// A repeated leaf: empty is no value, more than [`MAX_LIST`] entries is refused, and every bad
+/// entry is reported by its index (`ip_addresses[2].address`).
+fn list_leaf<T, U>(
+    path: FieldPath,
+    list: &[T],
+    parse: impl Fn(&dyn Fn(&str) -> String, &T) -> Result<U, Vec<Violation>>,
+    wrap: impl FnOnce(Vec<U>) -> FieldValue,
+) -> Result<Option<FieldValue>, Vec<Violation>> {
     if list.is_empty() {
         return Ok(None);
     }
@@ -318,66 +324,74 @@ fn ip_addresses(list: &[pb::IpAddressRecord]) -> Result<Option<FieldValue>, Vec<
     }
     let mut out = Vec::with_capacity(list.len());
     let mut violations = Vec::new();
-    for (i, r) in list.iter().enumerate() {
-        let field = |part: &str| format!("{path}[{i}].{part}");
-        let address =
-            values::ip_address(&r.address).map_err(|e| Violation::new(field("address"), e));
-        let first =
-            timestamp(r.first_seen.as_ref()).map_err(|e| Violation::new(field("first_seen"), e));
-        let last =
-            timestamp(r.last_seen.as_ref()).map_err(|e| Violation::new(field("last_seen"), e));
-        match (address, first, last) {
-            (Ok(address), Ok(first_seen_us), Ok(last_seen_us)) => out.push(IpRecord {
-                address,
-                first_seen_us,
-                last_seen_us,
-            }),
-            (a, f, l) => violations.extend([a.err(), f.err(), l.err()].into_iter().flatten()),
+    for (i, item) in list.iter().enumerate() {
+        match parse(&|part| format!("{path}[{i}].{part}"), item) {
+            Ok(value) => out.push(value),
+            Err(mut v) => violations.append(&mut v),
         }
     }
     if violations.is_empty() {
-        Ok(Some(FieldValue::IpAddresses(out)))
+        Ok(Some(wrap(out)))
     } else {
         Err(violations)
     }
 }
 
+/// Collects the errors of several parts of one list entry.
+fn all_errors<const N: usize>(parts: [Option<Violation>; N]) -> Vec<Violation> {
+    parts.into_iter().flatten().collect()
+}
+
+fn ip_addresses(list: &[pb::IpAddressRecord]) -> Result<Option<FieldValue>, Vec<Violation>> {
+    list_leaf(
+        FieldPath::IpAddresses,
+        list,
+        |field, r| {
+            let address =
+                values::ip_address(&r.address).map_err(|e| Violation::new(field("address"), e));
+            let first = timestamp(r.first_seen.as_ref())
+                .map_err(|e| Violation::new(field("first_seen"), e));
+            let last =
+                timestamp(r.last_seen.as_ref()).map_err(|e| Violation::new(field("last_seen"), e));
+            match (address, first, last) {
+                (Ok(address), Ok(first_seen_us), Ok(last_seen_us)) => Ok(IpRecord {
+                    address,
+                    first_seen_us,
+                    last_seen_us,
+                }),
+                (a, f, l) => Err(all_errors([a.err(), f.err(), l.err()])),
+            }
+        },
+        FieldValue::IpAddresses,
+    )
+}
+
 fn activity_log(list: &[pb::ActivityEntry]) -> Result<Option<FieldValue>, Vec<Violation>> {
-    let path = FieldPath::ActivityLog;
-    if list.is_empty() {
-        return Ok(None);
-    }
-    if let Some(v) = too_many(path, list.len()) {
-        return Err(v);
-    }
-    let mut out = Vec::with_capacity(list.len());
-    let mut violations = Vec::new();
-    for (i, a) in list.iter().enumerate() {
-        let field = |part: &str| format!("{path}[{i}].{part}");
-        let action = values::text(&a.action, values::MAX_LINE)
-            .map_err(|e| Violation::new(field("action"), e));
-        let time = timestamp(a.time.as_ref()).map_err(|e| Violation::new(field("time"), e));
-        let ip = if blank(&a.ip_address) {
-            Ok(None)
-        } else {
-            values::ip_address(&a.ip_address)
-                .map(Some)
-                .map_err(|e| Violation::new(field("ip_address"), e))
-        };
-        match (action, time, ip) {
-            (Ok(action), Ok(time_us), Ok(ip)) => out.push(ActivityRecord {
-                action,
-                time_us,
-                ip,
-            }),
-            (a, t, i) => violations.extend([a.err(), t.err(), i.err()].into_iter().flatten()),
-        }
-    }
-    if violations.is_empty() {
-        Ok(Some(FieldValue::Activity(out)))
-    } else {
-        Err(violations)
-    }
+    list_leaf(
+        FieldPath::ActivityLog,
+        list,
+        |field, a| {
+            let action = values::text(&a.action, values::MAX_LINE)
+                .map_err(|e| Violation::new(field("action"), e));
+            let time = timestamp(a.time.as_ref()).map_err(|e| Violation::new(field("time"), e));
+            let ip = if blank(&a.ip_address) {
+                Ok(None)
+            } else {
+                values::ip_address(&a.ip_address)
+                    .map(Some)
+                    .map_err(|e| Violation::new(field("ip_address"), e))
+            };
+            match (action, time, ip) {
+                (Ok(action), Ok(time_us), Ok(ip)) => Ok(ActivityRecord {
+                    action,
+                    time_us,
+                    ip,
+                }),
+                (a, t, i) => Err(all_errors([a.err(), t.err(), i.err()])),
+            }
+        },
+        FieldValue::Activity,
+    )
 }
 
 /// Years 1 to 9999, as google.protobuf.Timestamp allows.
