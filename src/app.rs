@@ -76,15 +76,15 @@ impl Application {
         drop(root);
 
         let callers = Arc::new(Callers::new(store.clone()));
-        if let Some(token) = callers
-            .bootstrap_operator()
+        let token_file = args.operator_token_file();
+        let created = callers
+            .bootstrap_operator(|token| {
+                write_secret_file_atomically(&token_file, &format!("{token}\n"))
+            })
             .await
-            .map_err(|e| StartupError::Bootstrap(e.to_string()))?
-        {
-            let path = args.operator_token_file();
-            write_secret_file(&path, &Zeroizing::new(format!("{}\n", token.as_str())))
-                .map_err(|e| StartupError::Bootstrap(format!("{}: {e}", path.display())))?;
-            tracing::info!(path = %path.display(), "first operator token written (mode 0600)");
+            .map_err(|e| StartupError::Bootstrap(format!("{}: {e}", token_file.display())))?;
+        if created {
+            tracing::info!(path = %token_file.display(), "first operator token written (mode 0600)");
         }
 
         let vault = Arc::new(Vault::new(store.clone(), keyring));
@@ -171,6 +171,19 @@ async fn load_root_key(args: &ServeArgs, store: &Store) -> Result<RootKey, Start
         }
         Err(e) => Err(StartupError::RootKey(format!("{}: {e}", path.display()))),
     }
+}
+
+/// Replaces `path` by a file readable by its owner only: written beside it, synced, then renamed,
+/// so the file is either the old one or the whole new one.
+fn write_secret_file_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    write_secret_file(&tmp, contents)?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Writes a new file readable by its owner only, durably.

@@ -53,10 +53,11 @@ pub fn mask_paths(mask: Option<&FieldMask>, field: &str) -> Result<Vec<FieldPath
             Some(leaves) => paths.extend(leaves),
             None => violations.push(Violation::new(
                 format!("{field}.paths[{i}]"),
+                // The entry is not echoed: it is the caller's text, of any length.
                 if entry.is_empty() {
-                    "empty field path".to_owned()
+                    "empty field path"
                 } else {
-                    format!("unknown field path {entry:?}: expected a path of DESIGN.md §2 such as name.given or billing.address")
+                    "unknown field path: expected a field path such as name.given or a group such as billing.address"
                 },
             )),
         }

@@ -127,6 +127,9 @@ struct Cached {
 pub struct Callers {
     store: Store,
     cache: Mutex<HashMap<String, Cached>>,
+    /// Bumped by every revocation here: a lookup that read the database before a revocation must
+    /// not put the old row back into the cache after it.
+    revocations: std::sync::atomic::AtomicU64,
     dummy_hash: [u8; 32],
 }
 
@@ -135,6 +138,7 @@ impl Callers {
         Self {
             store,
             cache: Mutex::new(HashMap::new()),
+            revocations: std::sync::atomic::AtomicU64::new(0),
             dummy_hash: [0x5a; 32],
         }
     }
@@ -181,11 +185,14 @@ impl Callers {
         {
             return Ok(Some(hit.row.clone()));
         }
+        let generation = self.revocations.load(std::sync::atomic::Ordering::SeqCst);
         let Some(row) = self.store.caller(id).await? else {
             return Ok(None);
         };
         let row = Arc::new(row);
-        if let Ok(mut cache) = self.cache.lock() {
+        if let Ok(mut cache) = self.cache.lock()
+            && self.revocations.load(std::sync::atomic::Ordering::SeqCst) == generation
+        {
             if cache.len() >= CACHE_MAX {
                 cache.clear();
             }
@@ -206,8 +213,18 @@ impl Callers {
         name: &str,
         role: Role,
     ) -> Result<(CallerInfo, Zeroizing<String>), DomainError> {
-        let name = caller_name(name)?;
         let token = CallerToken::generate()?;
+        let info = self.insert(name, role, &token).await?;
+        Ok((info, token.reveal()))
+    }
+
+    async fn insert(
+        &self,
+        name: &str,
+        role: Role,
+        token: &CallerToken,
+    ) -> Result<CallerInfo, DomainError> {
+        let name = caller_name(name)?;
         let row = CallerRow {
             id: token.id.clone(),
             name,
@@ -218,7 +235,7 @@ impl Callers {
         };
         self.store.insert_caller(&row).await?;
         tracing::info!(caller_id = %row.id, caller = %row.name, role = %row.role, "caller created");
-        Ok((CallerInfo::from(&row), token.reveal()))
+        Ok(CallerInfo::from(&row))
     }
 
     /// Revokes a caller's token; effective at once here (the cache entry is dropped).
@@ -229,6 +246,8 @@ impl Callers {
             .await?
             .ok_or(DomainError::NotFoundNamed { what: "caller" })?;
         if let Ok(mut cache) = self.cache.lock() {
+            self.revocations
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             cache.remove(id);
         }
         tracing::info!(caller_id = %row.id, "caller revoked");
@@ -245,13 +264,21 @@ impl Callers {
             .collect())
     }
 
-    /// On a database without callers, creates the first operator and returns its token.
-    pub async fn bootstrap_operator(&self) -> Result<Option<Zeroizing<String>>, DomainError> {
+    /// On a database without callers, creates the first operator. `keep` stores its token (a
+    /// file) *before* the caller is inserted, so a failure or a crash in between leaves no caller
+    /// whose token nobody has; the next start simply tries again.
+    pub async fn bootstrap_operator(
+        &self,
+        keep: impl FnOnce(&str) -> std::io::Result<()>,
+    ) -> Result<bool, DomainError> {
         if self.store.count_callers().await? > 0 {
-            return Ok(None);
+            return Ok(false);
         }
-        let (_, token) = self.create("operator", Role::Operator).await?;
-        Ok(Some(token))
+        let token = CallerToken::generate()?;
+        keep(&token.reveal())
+            .map_err(|e| DomainError::Internal(format!("storing the first operator token: {e}")))?;
+        self.insert("operator", Role::Operator, &token).await?;
+        Ok(true)
     }
 }
 

@@ -276,8 +276,8 @@ impl SealedRecord {
         self.fields.iter().any(|f| f.path == path.as_str())
     }
 
-    /// Opens the leaves in `paths` that are stored. A leaf that fails authentication, or a path
-    /// kluis does not know, is `RecordError::Field` naming the path.
+    /// Opens the leaves in `paths` that are stored. A leaf that fails authentication is
+    /// `RecordError::Field` naming the path; leaves of paths this version does not know are skipped.
     pub fn open(
         &self,
         cipher: &FieldCipher,
@@ -285,8 +285,9 @@ impl SealedRecord {
     ) -> Result<BTreeMap<FieldPath, StoredField>, RecordError> {
         let mut out = BTreeMap::new();
         for field in &self.fields {
+            // A leaf a newer kluis added (paths are only ever added): not ours to read.
             let Some(path) = FieldPath::from_leaf(&field.path) else {
-                return Err(RecordError::Field(field.path.clone()));
+                continue;
             };
             if !paths.contains(&path) {
                 continue;
@@ -311,6 +312,26 @@ impl SealedRecord {
             );
         }
         Ok(out)
+    }
+}
+
+impl SealedRecord {
+    /// Like [`SealedRecord::open`], but leaves out the leaves that do not open, calling `damaged`
+    /// with each one's path.
+    pub fn open_readable(
+        &self,
+        cipher: &FieldCipher,
+        paths: &[FieldPath],
+        damaged: impl Fn(&str),
+    ) -> BTreeMap<FieldPath, StoredField> {
+        let mut out = BTreeMap::new();
+        for path in paths {
+            match self.open(cipher, &[*path]) {
+                Ok(mut one) => out.append(&mut one),
+                Err(_) => damaged(path.as_str()),
+            }
+        }
+        out
     }
 }
 
@@ -378,6 +399,36 @@ mod tests {
         for (p, v) in &values {
             assert_eq!(&opened[p].value, v);
         }
+    }
+
+    #[test]
+    fn a_leaf_of_an_unknown_path_is_skipped_not_fatal() {
+        let id = Uuid::new_v4();
+        let c = cipher(id);
+        let mut rec = SealedRecord::default();
+        rec.set(
+            &c,
+            FieldPath::NameGiven,
+            &FieldValue::Text("Jan".into()),
+            1,
+            "t",
+        )
+        .unwrap();
+        rec.set(
+            &c,
+            FieldPath::NameFamily,
+            &FieldValue::Text("Jansen".into()),
+            1,
+            "t",
+        )
+        .unwrap();
+        rec.fields[1].path = "name.middle".into();
+        let opened = rec.open(&c, FieldPath::ALL).unwrap();
+        assert_eq!(opened.len(), 1);
+        assert_eq!(
+            opened[&FieldPath::NameGiven].value,
+            FieldValue::Text("Jan".into())
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::{
     values,
 };
 use crate::{
-    crypto::{FieldCipher, Keyring, SecretKey, WrappedKey},
+    crypto::{CryptoError, FieldCipher, Keyring, SecretKey, WrappedKey},
     store::{IndexEntry, Store, StoreError, SubjectRow, WriteOp, WriteOutcome},
 };
 
@@ -130,20 +130,15 @@ impl Vault {
                 format!("at most {MAX_BATCH_GET} ids per call"),
             ));
         }
-        let rows: BTreeMap<Uuid, SubjectRow> = self
-            .store
-            .subjects(ids)
-            .await?
-            .into_iter()
-            .map(|r| (r.id, r))
-            .collect();
+        let rows = self.store.subjects(ids).await?;
         Ok(ids
             .iter()
             .map(|id| {
-                let result = rows
-                    .get(id)
-                    .ok_or(DomainError::NotFound)
-                    .and_then(|row| self.open_row(row, paths));
+                let result = match rows.get(id) {
+                    None => Err(DomainError::NotFound),
+                    Some(Err(e)) => Err(DomainError::from(e.clone())),
+                    Some(Ok(row)) => self.open_row(row, paths),
+                };
                 (*id, result)
             })
             .collect())
@@ -217,9 +212,12 @@ impl Vault {
             };
             match self.store.write(op).await {
                 Ok(WriteOutcome::Updated { version }) => {
-                    let fields = record
-                        .open(&cipher, FieldPath::ALL)
-                        .map_err(|e| data_loss(id, e))?;
+                    // The write is committed: a damaged leaf elsewhere in the record must not make
+                    // it look failed. Leaves that do not open are left out of the answer (and
+                    // logged); a read reports them as DATA_LOSS.
+                    let fields = record.open_readable(&cipher, FieldPath::ALL, |path| {
+                        tracing::error!(subject = %id, path, "stored data failed authentication");
+                    });
                     return Ok(SubjectView {
                         id,
                         version,
@@ -266,7 +264,14 @@ impl Vault {
         let dek = self
             .keyring
             .unwrap_dek(row.id, row.dek_id, &wrapped)
-            .map_err(|e| data_loss(row.id, RecordError::Crypto(e)))?;
+            .map_err(|e| match e {
+                // A KEK this instance does not hold is a keyring problem, not tampering.
+                CryptoError::UnknownKeyVersion { .. } => DomainError::Internal(format!(
+                    "subject {}: data key wrapped under a KEK this instance does not hold: {e}",
+                    row.id
+                )),
+                _ => data_loss(row.id, RecordError::Crypto(e)),
+            })?;
         Ok(FieldCipher::new(&dek, row.id, row.dek_id)?)
     }
 
@@ -349,8 +354,9 @@ fn normalise_postal_codes(
         };
         let Some(code) = postal_now else { continue };
         match values::postal_code(&code, country_now.as_deref()) {
+            // Written in its normal form, also when only the country changed.
             Ok(normalised) => {
-                if changes.contains_key(&postal) {
+                if changes.contains_key(&postal) || normalised != code {
                     changes.insert(postal, Some(FieldValue::Text(normalised)));
                 }
             }

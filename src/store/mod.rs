@@ -55,6 +55,14 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+            // Busy/locked SQLite, and PostgreSQL's serialization failures, deadlocks, lost
+            // connections, shutdowns and exhausted resources: try again later.
+            sqlx::Error::Database(db) if db.code().is_some_and(|c| transient(&c)) => {
+                StoreError::Unavailable(format!(
+                    "database code {}",
+                    db.code().as_deref().unwrap_or("?")
+                ))
+            }
             // Database messages may quote values (e.g. a key in a constraint violation); keep
             // only the code and the constraint name.
             sqlx::Error::Database(db) => StoreError::Database(format!(
@@ -64,6 +72,18 @@ impl From<sqlx::Error> for StoreError {
             )),
             _ => StoreError::Database(e.to_string()),
         }
+    }
+}
+
+/// Whether a database error code means "not now" rather than "never": SQLite BUSY (5) and LOCKED
+/// (6) with their extended codes, I/O and full-disk errors; PostgreSQL classes 08 (connection),
+/// 40 (transaction rollback: serialization, deadlock), 53 (resources), 57 (operator intervention).
+fn transient(code: &str) -> bool {
+    match code.parse::<i64>() {
+        Ok(sqlite) => matches!(sqlite & 0xff, 5 | 6 | 10 | 13),
+        Err(_) => ["08", "40", "53", "57"]
+            .iter()
+            .any(|class| code.starts_with(class)),
     }
 }
 
@@ -352,6 +372,13 @@ impl Store {
                 .await)?)
     }
 
+    /// Whether any root key was ever registered in this database.
+    pub async fn has_key_checks(&self) -> Result<bool, StoreError> {
+        let n: i64 = on_pool!(&self.backend, pool => sqlx::query_scalar("SELECT COUNT(*) FROM root_key_checks")
+            .fetch_one(pool).await)?;
+        Ok(n > 0)
+    }
+
     /// Stores a key-check value unless one exists; returns the one that is stored afterwards, so two
     /// instances starting at once agree.
     pub async fn init_key_check(
@@ -396,12 +423,13 @@ impl Store {
         self.reader.subject(id).await
     }
 
-    /// The rows of those `ids` that exist, in no particular order.
-    pub async fn subjects(&self, ids: &[Uuid]) -> Result<Vec<SubjectRow>, StoreError> {
-        Ok(reader::subjects_by_id(&self.backend, ids)
-            .await?
-            .into_values()
-            .collect())
+    /// The rows of those `ids` that exist, each converted on its own (a damaged row is an error
+    /// for its id only).
+    pub async fn subjects(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<std::collections::HashMap<Uuid, Result<SubjectRow, StoreError>>, StoreError> {
+        reader::subjects_by_id(&self.backend, ids).await
     }
 
     /// Subjects whose blind index at `path` equals `digest`, at most `limit`, in id order;

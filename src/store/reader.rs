@@ -88,7 +88,7 @@ async fn subject_worker(backend: Backend, rx: Arc<Mutex<mpsc::Receiver<(Uuid, Su
         match subjects_by_id(&backend, &ids).await {
             Ok(mut rows) => {
                 for (id, reply) in batch.drain(..) {
-                    let _ = reply.send(Ok(rows.get(&id).cloned()));
+                    let _ = reply.send(rows.get(&id).cloned().transpose());
                 }
                 rows.clear();
             }
@@ -102,10 +102,13 @@ async fn subject_worker(backend: Backend, rx: Arc<Mutex<mpsc::Receiver<(Uuid, Su
 }
 
 /// The rows of those `ids` that exist.
+///
+/// A row that cannot be converted is an error for its own id only; one with an unreadable id is
+/// left out (its readers see "not found", and the conversion error is logged).
 pub(super) async fn subjects_by_id(
     backend: &Backend,
     ids: &[Uuid],
-) -> Result<HashMap<Uuid, SubjectRow>, StoreError> {
+) -> Result<HashMap<Uuid, Result<SubjectRow, StoreError>>, StoreError> {
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
@@ -121,9 +124,16 @@ pub(super) async fn subjects_by_id(
         q.push(")");
         q.build_query_as::<RawSubjectRow>().fetch_all(pool).await
     })?;
-    raws.into_iter()
-        .map(|raw| SubjectRow::try_from(raw).map(|row| (row.id, row)))
-        .collect()
+    let mut out = HashMap::with_capacity(raws.len());
+    for raw in raws {
+        match uuid_from(&raw.id) {
+            Ok(id) => {
+                out.insert(id, SubjectRow::try_from(raw));
+            }
+            Err(e) => tracing::error!(error = %e, "subject row with an unreadable id"),
+        }
+    }
+    Ok(out)
 }
 
 async fn find_worker(backend: Backend, rx: Arc<Mutex<mpsc::Receiver<FindRequest>>>) {

@@ -89,11 +89,22 @@ impl GroupCommitter {
     }
 }
 
+/// A violation of the unique username index is `Duplicate`; any other error (including a unique
+/// violation elsewhere, which would be a bug) stays what it is.
 fn unique_violation(e: sqlx::Error) -> StoreError {
     match &e {
-        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Duplicate {
-            path: "account.username".into(),
-        },
+        sqlx::Error::Database(db)
+            if db.is_unique_violation()
+                && (db.constraint() == Some("blind_index_unique_username")
+                    // SQLite names the columns, not the index: the primary key has subject_id too.
+                    || (db.constraint().is_none()
+                        && db.message().contains("blind_index.digest")
+                        && !db.message().contains("subject_id"))) =>
+        {
+            StoreError::Duplicate {
+                path: "account.username".into(),
+            }
+        }
         _ => StoreError::from(e),
     }
 }
@@ -230,33 +241,47 @@ macro_rules! apply_one {
                     add_index,
                 } => {
                     let idb = id.as_bytes().to_vec();
-                    let current: Option<(i64, Vec<u8>)> =
-                        sqlx::query_as("SELECT version, index_keys FROM subjects WHERE id = $1")
-                            .bind(idb.clone())
-                            .fetch_optional(&mut *$conn)
-                            .await?;
-                    let (version, keys) = current.ok_or(StoreError::NotFound)?;
-                    if version != *read_version as i64 {
-                        return Err(StoreError::VersionMismatch { actual: version as u64 });
-                    }
-                    let (replaced, mut kept): (Vec<StoredIndexKey>, Vec<StoredIndexKey>) = decode_index_keys(&keys)?
-                        .into_iter()
-                        .partition(|k| replace_index_paths.contains(&k.path.as_str()));
-                    for old in replaced {
-                        delete_index_entry!($conn, &old, &idb)?;
-                    }
-                    kept.extend(add_index.iter().map(StoredIndexKey::from));
-                    sqlx::query(
-                        "UPDATE subjects SET record = $1, version = version + 1, updated_at = $2, index_keys = $3 \
-                         WHERE id = $4 AND version = $5",
+                    // The version-checked UPDATE comes first: once it changed the row, this
+                    // transaction holds it (PostgreSQL row lock; SQLite's single writer), so the
+                    // index_keys read next are those of `read_version`, whatever other instances do.
+                    let done = sqlx::query(
+                        "UPDATE subjects SET record = $1, version = version + 1, updated_at = $2 \
+                         WHERE id = $3 AND version = $4",
                     )
                     .bind(record.clone())
                     .bind(*updated_at)
-                    .bind(encode_stored_keys(&kept))
                     .bind(idb.clone())
                     .bind(*read_version as i64)
                     .execute(&mut *$conn)
                     .await?;
+                    if done.rows_affected() != 1 {
+                        let actual: Option<i64> = sqlx::query_scalar("SELECT version FROM subjects WHERE id = $1")
+                            .bind(idb.clone())
+                            .fetch_optional(&mut *$conn)
+                            .await?;
+                        return Err(match actual {
+                            Some(v) => StoreError::VersionMismatch { actual: v as u64 },
+                            None => StoreError::NotFound,
+                        });
+                    }
+                    if !replace_index_paths.is_empty() {
+                        let keys: Vec<u8> = sqlx::query_scalar("SELECT index_keys FROM subjects WHERE id = $1")
+                            .bind(idb.clone())
+                            .fetch_one(&mut *$conn)
+                            .await?;
+                        let (replaced, mut kept): (Vec<StoredIndexKey>, Vec<StoredIndexKey>) = decode_index_keys(&keys)?
+                            .into_iter()
+                            .partition(|k| replace_index_paths.contains(&k.path.as_str()));
+                        for old in replaced {
+                            delete_index_entry!($conn, &old, &idb)?;
+                        }
+                        kept.extend(add_index.iter().map(StoredIndexKey::from));
+                        sqlx::query("UPDATE subjects SET index_keys = $1 WHERE id = $2")
+                            .bind(encode_stored_keys(&kept))
+                            .bind(idb.clone())
+                            .execute(&mut *$conn)
+                            .await?;
+                    }
                     for e in add_index {
                         sqlx::query("INSERT INTO blind_index (path, digest, subject_id, key_version) VALUES ($1, $2, $3, $4)")
                             .bind(e.path)
@@ -271,20 +296,15 @@ macro_rules! apply_one {
                 }
                 WriteOp::Erase { id, at } => {
                     let idb = id.as_bytes().to_vec();
-                    let keys: Vec<u8> = sqlx::query_scalar("SELECT index_keys FROM subjects WHERE id = $1")
+                    // RETURNING gives the index_keys of the row as deleted, under its lock: an
+                    // update committed by another instance a moment earlier is included.
+                    let keys: Vec<u8> = sqlx::query_scalar("DELETE FROM subjects WHERE id = $1 RETURNING index_keys")
                         .bind(idb.clone())
                         .fetch_optional(&mut *$conn)
                         .await?
                         .ok_or(StoreError::NotFound)?;
                     for old in decode_index_keys(&keys)? {
                         delete_index_entry!($conn, &old, &idb)?;
-                    }
-                    let gone = sqlx::query("DELETE FROM subjects WHERE id = $1")
-                        .bind(idb.clone())
-                        .execute(&mut *$conn)
-                        .await?;
-                    if gone.rows_affected() == 0 {
-                        return Err(StoreError::NotFound);
                     }
                     sqlx::query("INSERT INTO erased_subjects (id, erased_at) VALUES ($1, $2)")
                         .bind(idb)

@@ -503,6 +503,21 @@ async fn a_wrong_root_key_stops_start_up() {
     );
     assert!(err.to_string().contains("root key does not match"), "{err}");
 
+    // A key of another version gets no check value of its own: refused the same way.
+    let v2 = kluis::crypto::RootKey::generate()
+        .unwrap()
+        .to_file_contents()
+        .replace(" v1 ", " v2 ");
+    std::fs::write(&key_file, v2.as_bytes()).unwrap();
+    let err = Application::build(&serve_args(&db))
+        .await
+        .err()
+        .expect("start-up must be refused");
+    assert!(
+        matches!(err, StartupError::Keyring(KeyringError::WrongRootKey)),
+        "{err}"
+    );
+
     // A missing key file is refused too, rather than replaced by a new key.
     std::fs::remove_file(&key_file).unwrap();
     let err = Application::build(&serve_args(&db))

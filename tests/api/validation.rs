@@ -430,3 +430,38 @@ async fn a_blank_value_is_no_value() {
     assert_eq!(got.name.unwrap().given, "");
     assert!(!got.field_metadata.iter().any(|m| m.path == "name.given"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_country_change_to_nl_rewrites_the_stored_postcode_in_dutch_form() {
+    let app = spawn_kluis().await;
+    let created = app
+        .create(with(|s| {
+            let a = s.address.as_mut().unwrap();
+            a.country = "DE".into();
+            a.postal_code = "7672gd".into();
+        }))
+        .await;
+    assert_eq!(
+        created.address.as_ref().unwrap().postal_code,
+        "7672gd",
+        "kept as given outside NL"
+    );
+    app.subjects()
+        .update_subject(pb::UpdateSubjectRequest {
+            subject: Some(pb::Subject {
+                id: created.id.clone(),
+                address: Some(pb::Address {
+                    country: "NL".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            update_mask: mask(&["address.country"]),
+            expected_version: None,
+            source: String::new(),
+        })
+        .await
+        .unwrap();
+    let got = app.get(&created.id).await.unwrap();
+    assert_eq!(got.address.unwrap().postal_code, "7672 GD");
+}
