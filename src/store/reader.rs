@@ -72,6 +72,20 @@ impl ReadCoalescer {
     }
 }
 
+/// The next of 1, 2, 4, …, [`MAX_BATCH`] at or above `n`. Batched queries are built for these
+/// sizes only, so each connection prepares (and caches) a handful of statements instead of one per
+/// batch size.
+fn bucket(n: usize) -> usize {
+    n.max(1).next_power_of_two().min(MAX_BATCH.max(n))
+}
+
+/// Pads a non-empty id list to its bucket size by repeating the last id (`IN` ignores repeats).
+fn pad_to_bucket(ids: &mut Vec<Uuid>) {
+    if let Some(&last) = ids.last() {
+        ids.resize(bucket(ids.len()), last);
+    }
+}
+
 fn stopped() -> StoreError {
     StoreError::Unavailable("reader stopped".into())
 }
@@ -85,6 +99,7 @@ async fn subject_worker(backend: Backend, rx: Arc<Mutex<mpsc::Receiver<(Uuid, Su
         let mut ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
         ids.sort_unstable();
         ids.dedup();
+        pad_to_bucket(&mut ids);
         match subjects_by_id(&backend, &ids).await {
             Ok(mut rows) => {
                 for (id, reply) in batch.drain(..) {
@@ -165,7 +180,11 @@ async fn find_many(
 ) -> Result<HashMap<usize, Vec<Uuid>>, StoreError> {
     let rows: Vec<(i64, Vec<u8>)> = on_pool!(backend, pool => {
         let mut q = sqlx::QueryBuilder::new("");
-        for (i, r) in requests.iter().enumerate() {
+        // Padded with repeats of the last lookup (their rows are dropped below), see pad_to_bucket.
+        let padded = bucket(requests.len());
+        let last = requests.len().saturating_sub(1);
+        for i in 0..padded {
+            let r = &requests[i.min(last)];
             if i > 0 {
                 q.push(" UNION ALL ");
             }
@@ -185,10 +204,31 @@ async fn find_many(
     let mut out: HashMap<usize, Vec<Uuid>> = HashMap::new();
     for (k, id) in rows {
         let k = usize::try_from(k).map_err(|_| StoreError::Corrupt("lookup index".into()))?;
+        if k >= requests.len() {
+            continue;
+        }
         out.entry(k).or_default().push(uuid_from(&id)?);
     }
     for ids in out.values_mut() {
         ids.sort_unstable();
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_sizes_round_up_to_powers_of_two() {
+        let sizes: Vec<usize> = [1, 2, 3, 5, 17, 63, 64]
+            .iter()
+            .map(|n| bucket(*n))
+            .collect();
+        assert_eq!(sizes, vec![1, 2, 4, 8, 32, 64, 64]);
+        let mut ids = vec![Uuid::nil(), Uuid::max(), Uuid::from_u128(7)];
+        pad_to_bucket(&mut ids);
+        assert_eq!(ids.len(), 4);
+        assert_eq!(ids[3], Uuid::from_u128(7));
+    }
 }

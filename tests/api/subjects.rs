@@ -589,3 +589,57 @@ async fn erase_is_for_operators_only() {
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(app.get(&victim.id).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_and_lookups_each_get_their_own_answer() {
+    let app = spawn_kluis().await;
+    let mut subjects = Vec::new();
+    for _ in 0..12 {
+        let t = tag();
+        subjects.push((t.clone(), app.create(full_subject(&t)).await.id));
+    }
+    let mut tasks = Vec::new();
+    for round in 0..3 {
+        for (t, id) in subjects.clone() {
+            let mut client = app.subjects();
+            tasks.push(tokio::spawn(async move {
+                let found = client
+                    .find_subjects(pb::FindSubjectsRequest {
+                        key: Some(pb::find_subjects_request::Key::Email(format!(
+                            "klant.{t}@example.nl"
+                        ))),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .subject_ids;
+                assert_eq!(found, vec![id.clone()], "round {round}");
+                let got = client
+                    .get_subject(pb::GetSubjectRequest {
+                        id: id.clone(),
+                        read_mask: None,
+                        view: 0,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .subject
+                    .unwrap();
+                assert_eq!(got.id, id);
+                assert_eq!(got.account.unwrap().username, format!("user{t}"));
+                let unknown = client
+                    .get_subject(pb::GetSubjectRequest {
+                        id: uuid::Uuid::new_v4().to_string(),
+                        read_mask: None,
+                        view: 0,
+                    })
+                    .await
+                    .unwrap_err();
+                assert_eq!(unknown.code(), Code::NotFound);
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
