@@ -72,9 +72,8 @@ impl ReadCoalescer {
     }
 }
 
-/// The next of 1, 2, 4, …, [`MAX_BATCH`] at or above `n`. Batched queries are built for these
-/// sizes only, so each connection prepares (and caches) a handful of statements instead of one per
-/// batch size.
+/// The next of 1, 2, 4, …, [`MAX_BATCH`] at or above `n`. Id lists are padded to these sizes, so
+/// each connection prepares (and caches) a handful of statements instead of one per batch size.
 fn bucket(n: usize) -> usize {
     n.max(1).next_power_of_two().min(MAX_BATCH.max(n))
 }
@@ -180,11 +179,8 @@ async fn find_many(
 ) -> Result<HashMap<usize, Vec<Uuid>>, StoreError> {
     let rows: Vec<(i64, Vec<u8>)> = on_pool!(backend, pool => {
         let mut q = sqlx::QueryBuilder::new("");
-        // Padded with repeats of the last lookup (their rows are dropped below), see pad_to_bucket.
-        let padded = bucket(requests.len());
-        let last = requests.len().saturating_sub(1);
-        for i in 0..padded {
-            let r = &requests[i.min(last)];
+        // Not padded like the id lists: a repeated lookup is a whole subquery of real work.
+        for (i, r) in requests.iter().enumerate() {
             if i > 0 {
                 q.push(" UNION ALL ");
             }
@@ -204,9 +200,6 @@ async fn find_many(
     let mut out: HashMap<usize, Vec<Uuid>> = HashMap::new();
     for (k, id) in rows {
         let k = usize::try_from(k).map_err(|_| StoreError::Corrupt("lookup index".into()))?;
-        if k >= requests.len() {
-            continue;
-        }
         out.entry(k).or_default().push(uuid_from(&id)?);
     }
     for ids in out.values_mut() {
