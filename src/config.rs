@@ -5,8 +5,8 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::Args;
 
-/// Where kluis keeps its data.
-#[derive(Debug, Clone, Args)]
+/// Where kluis keeps its data. No `Debug`: the database URL may carry a password.
+#[derive(Clone, Args)]
 pub struct StorageArgs {
     /// Data directory: SQLite database, root key file and first operator token.
     #[arg(long, env = "KLUIS_DATA_DIR", default_value = "./kluis-data")]
@@ -24,8 +24,8 @@ impl StorageArgs {
     }
 }
 
-/// Settings of `kluis serve`.
-#[derive(Debug, Clone, Args)]
+/// Settings of `kluis serve`. No `Debug`, as for [`StorageArgs`].
+#[derive(Clone, Args)]
 pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, env = "KLUIS_LISTEN", default_value = "127.0.0.1:50051")]

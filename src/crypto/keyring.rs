@@ -73,10 +73,11 @@ impl RootKey {
 
     /// The key file's contents, as [`RootKey::parse`] reads them.
     pub fn to_file_contents(&self) -> Zeroizing<String> {
+        let hex_key = Zeroizing::new(hex::encode(self.key.expose()));
         Zeroizing::new(format!(
             "{KEY_FILE_TAG} v{} {}\n",
             self.version,
-            hex::encode(self.key.expose())
+            hex_key.as_str()
         ))
     }
 

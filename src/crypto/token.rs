@@ -57,11 +57,8 @@ impl CallerToken {
 
     /// The token text, to show once to whoever created it.
     pub fn reveal(&self) -> Zeroizing<String> {
-        Zeroizing::new(format!(
-            "{PREFIX}{}_{}",
-            self.id,
-            hex::encode(self.secret.as_ref())
-        ))
+        let secret = Zeroizing::new(hex::encode(self.secret.as_ref()));
+        Zeroizing::new(format!("{PREFIX}{}_{}", self.id, secret.as_str()))
     }
 }
 
