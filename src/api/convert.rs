@@ -192,6 +192,25 @@ fn address_leaf(
     }
 }
 
+/// The twelve address leaves, as one pattern: they are handled through [`address_part`] before
+/// the per-path matches, which list them once with this macro to stay exhaustive.
+macro_rules! address_leaves {
+    () => {
+        FieldPath::AddressStreet
+            | FieldPath::AddressHouseNumber
+            | FieldPath::AddressHouseNumberAddition
+            | FieldPath::AddressPostalCode
+            | FieldPath::AddressCity
+            | FieldPath::AddressCountry
+            | FieldPath::BillingAddressStreet
+            | FieldPath::BillingAddressHouseNumber
+            | FieldPath::BillingAddressHouseNumberAddition
+            | FieldPath::BillingAddressPostalCode
+            | FieldPath::BillingAddressCity
+            | FieldPath::BillingAddressCountry
+    };
+}
+
 /// Which address of the subject a path belongs to.
 #[derive(Clone, Copy)]
 enum Side {
@@ -285,18 +304,7 @@ fn leaf(s: &pb::Subject, path: FieldPath) -> Result<Option<FieldValue>, Vec<Viol
         }
         P::ActivityLog => activity_log(&s.activity_log),
         // Handled above through address_part.
-        P::AddressStreet
-        | P::AddressHouseNumber
-        | P::AddressHouseNumberAddition
-        | P::AddressPostalCode
-        | P::AddressCity
-        | P::AddressCountry
-        | P::BillingAddressStreet
-        | P::BillingAddressHouseNumber
-        | P::BillingAddressHouseNumberAddition
-        | P::BillingAddressPostalCode
-        | P::BillingAddressCity
-        | P::BillingAddressCountry => Ok(None),
+        address_leaves!() => Ok(None),
     }
 }
 
@@ -513,18 +521,7 @@ fn put(s: &mut pb::Subject, path: FieldPath, stored: &StoredField) {
             }
         }
         // Set above through address_part.
-        P::AddressStreet
-        | P::AddressHouseNumber
-        | P::AddressHouseNumberAddition
-        | P::AddressPostalCode
-        | P::AddressCity
-        | P::AddressCountry
-        | P::BillingAddressStreet
-        | P::BillingAddressHouseNumber
-        | P::BillingAddressHouseNumberAddition
-        | P::BillingAddressPostalCode
-        | P::BillingAddressCity
-        | P::BillingAddressCountry => {}
+        address_leaves!() => {}
     }
 }
 
