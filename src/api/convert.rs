@@ -77,7 +77,7 @@ pub fn subject_fields(
     let mut fields = BTreeMap::new();
     let mut violations = Vec::new();
     for path in FieldPath::ALL {
-        match leaf(subject, *path) {
+        match leaf(subject, *path, &|_| true) {
             Ok(Some(value)) => {
                 fields.insert(*path, value);
             }
@@ -100,7 +100,7 @@ pub fn subject_changes(
     let mut changes = FieldChanges::new();
     let mut violations = Vec::new();
     for path in paths {
-        match leaf(subject, *path) {
+        match leaf(subject, *path, &|p| paths.contains(&p)) {
             Ok(value) => {
                 changes.insert(*path, value);
             }
@@ -167,10 +167,14 @@ fn enum_leaf(path: FieldPath, raw: i32, known: bool) -> Result<Option<FieldValue
     }
 }
 
+/// `country_written`: whether the request also writes this address's country, so a postcode can
+/// be checked against it here, together with every other field (the domain checks it again
+/// against the country stored).
 fn address_leaf(
     path: FieldPath,
     address: Option<&pb::Address>,
     part: AddressPart,
+    country_written: bool,
 ) -> Result<Option<FieldValue>, Vec<Violation>> {
     let Some(a) = address else { return Ok(None) };
     match part {
@@ -181,9 +185,13 @@ fn address_leaf(
         AddressPart::Addition => text_leaf(path, &a.house_number_addition, |v| {
             values::text(v, values::MAX_SHORT)
         }),
-        // Checked against the country in the domain, once the resulting country is known.
         AddressPart::PostalCode => {
-            text_leaf(path, &a.postal_code, |v| values::postal_code(v, None))
+            let country = country_written
+                .then(|| CountryCode::parse(&a.country).ok())
+                .flatten();
+            text_leaf(path, &a.postal_code, |v| {
+                values::postal_code(v, country.as_ref().map(CountryCode::as_str))
+            })
         }
         AddressPart::City => text_leaf(path, &a.city, |v| values::text(v, values::MAX_LINE)),
         AddressPart::Country => text_leaf(path, &a.country, |v| {
@@ -250,7 +258,12 @@ enum AddressPart {
 }
 
 /// The validated value of one leaf of `s`; `None` when it is empty.
-fn leaf(s: &pb::Subject, path: FieldPath) -> Result<Option<FieldValue>, Vec<Violation>> {
+/// `writes` tells which leaves the request writes (all of them for a create, the mask for an update).
+fn leaf(
+    s: &pb::Subject,
+    path: FieldPath,
+    writes: &dyn Fn(FieldPath) -> bool,
+) -> Result<Option<FieldValue>, Vec<Violation>> {
     use FieldPath as P;
     let name = s.name.as_ref();
     let contact = s.contact.as_ref();
@@ -262,11 +275,14 @@ fn leaf(s: &pb::Subject, path: FieldPath) -> Result<Option<FieldValue>, Vec<Viol
         })
     };
     if let Some((side, part)) = address_part(path) {
-        let address = match side {
-            Side::Home => s.address.as_ref(),
-            Side::Billing => billing.and_then(|b| b.address.as_ref()),
+        let (address, country) = match side {
+            Side::Home => (s.address.as_ref(), P::AddressCountry),
+            Side::Billing => (
+                billing.and_then(|b| b.address.as_ref()),
+                P::BillingAddressCountry,
+            ),
         };
-        return address_leaf(path, address, part);
+        return address_leaf(path, address, part, writes(country));
     }
     match path {
         P::NameGiven => text(name.map(|n| &n.given), values::MAX_NAME),

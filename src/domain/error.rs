@@ -22,7 +22,8 @@ impl Violation {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DomainError {
-    #[error("invalid argument: {}", .0.iter().map(|v| v.field.as_str()).collect::<Vec<_>>().join(", "))]
+    /// Descriptions say what is wrong, never the value, so they may be shown.
+    #[error("invalid argument: {}", .0.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; "))]
     InvalidArgument(Vec<Violation>),
     #[error("{0}")]
     Unauthenticated(&'static str),

@@ -381,6 +381,7 @@ async fn several_bad_fields_are_reported_together() {
             subject: Some(with(|s| {
                 s.contact.as_mut().unwrap().email = "x".into();
                 s.payment.as_mut().unwrap().iban = "NL00".into();
+                s.address.as_mut().unwrap().postal_code = "12".into();
             })),
             source: String::new(),
         })
@@ -394,7 +395,11 @@ async fn several_bad_fields_are_reported_together() {
     fields.sort();
     assert_eq!(
         fields,
-        vec!["contact.email".to_string(), "payment.iban".to_string()]
+        vec![
+            "address.postal_code".to_string(),
+            "contact.email".to_string(),
+            "payment.iban".to_string()
+        ]
     );
 }
 
