@@ -183,64 +183,34 @@ pub enum Raw {
     Pg(sqlx::PgPool),
 }
 
+/// Runs `$body` with `$pool` bound to either backend's pool (compiled once per backend).
+macro_rules! on_raw {
+    ($raw:expr, $pool:ident => $body:expr) => {
+        match $raw {
+            Raw::Sqlite($pool) => $body,
+            Raw::Pg($pool) => $body,
+        }
+    };
+}
+
 impl Raw {
     pub async fn count(&self, sql: &'static str, id: &[u8]) -> i64 {
-        match self {
-            Raw::Sqlite(p) => sqlx::query_scalar(sql)
-                .bind(id.to_vec())
-                .fetch_one(p)
-                .await
-                .unwrap(),
-            Raw::Pg(p) => sqlx::query_scalar(sql)
-                .bind(id.to_vec())
-                .fetch_one(p)
-                .await
-                .unwrap(),
-        }
+        on_raw!(self, p => sqlx::query_scalar(sql).bind(id.to_vec()).fetch_one(p).await.unwrap())
     }
 
     pub async fn count_all(&self, sql: &'static str) -> i64 {
-        match self {
-            Raw::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
-            Raw::Pg(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
-        }
+        on_raw!(self, p => sqlx::query_scalar(sql).fetch_one(p).await.unwrap())
     }
 
     pub async fn bytes(&self, sql: &'static str, id: &[u8]) -> Vec<u8> {
-        match self {
-            Raw::Sqlite(p) => sqlx::query_scalar(sql)
-                .bind(id.to_vec())
-                .fetch_one(p)
-                .await
-                .unwrap(),
-            Raw::Pg(p) => sqlx::query_scalar(sql)
-                .bind(id.to_vec())
-                .fetch_one(p)
-                .await
-                .unwrap(),
-        }
+        on_raw!(self, p => sqlx::query_scalar(sql).bind(id.to_vec()).fetch_one(p).await.unwrap())
     }
 
     /// Runs `sql` with `$1` = value and `$2` = id.
     pub async fn set_bytes(&self, sql: &'static str, value: Vec<u8>, id: &[u8]) {
-        match self {
-            Raw::Sqlite(p) => {
-                sqlx::query(sql)
-                    .bind(value)
-                    .bind(id.to_vec())
-                    .execute(p)
-                    .await
-                    .unwrap();
-            }
-            Raw::Pg(p) => {
-                sqlx::query(sql)
-                    .bind(value)
-                    .bind(id.to_vec())
-                    .execute(p)
-                    .await
-                    .unwrap();
-            }
-        }
+        on_raw!(self, p => {
+            sqlx::query(sql).bind(value).bind(id.to_vec()).execute(p).await.unwrap();
+        })
     }
 
     /// Every row of every kluis table as text (PostgreSQL: `row::text`, bytea in hex).
@@ -269,10 +239,7 @@ impl Raw {
     }
 
     pub async fn close(&self) {
-        match self {
-            Raw::Sqlite(p) => p.close().await,
-            Raw::Pg(p) => p.close().await,
-        }
+        on_raw!(self, p => p.close().await)
     }
 }
 
