@@ -26,6 +26,7 @@ const REDACTED: &[&str] = &[
     ".kluis.v1.BatchGetSubjectsResult",
     ".kluis.v1.BatchGetSubjectsResult.result",
     ".kluis.v1.CreateCallerTokenResponse",
+    ".kluis.v1.MaskedValue",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {
@@ -36,7 +37,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     };
     let include = protoc_bin_vendored::include_path()?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    let protos = ["proto/kluis/v1/subject.proto", "proto/kluis/v1/admin.proto"];
+    let protos = [
+        "proto/kluis/v1/subject.proto",
+        "proto/kluis/v1/admin.proto",
+        "proto/kluis/v1/consent.proto",
+        "proto/kluis/v1/audit.proto",
+    ];
 
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);

@@ -16,12 +16,14 @@ use zeroize::Zeroizing;
 
 use crate::{
     api,
+    audit::{AuditTrail, CheckpointSettings},
     config::ServeArgs,
     crypto::RootKey,
     domain::{
         Callers, Vault,
-        keys::{KeyringError, open_keyring},
+        keys::{KeyringError, open_audit_keys, open_keyring},
     },
+    policy::{Policy, PolicyErrors},
     store::{Store, StoreError},
 };
 
@@ -35,6 +37,8 @@ pub enum StartupError {
     },
     #[error("database: {0}")]
     Store(#[from] StoreError),
+    #[error("policy file:\n{0}")]
+    Policy(#[from] PolicyErrors),
     #[error("root key: {0}")]
     RootKey(String),
     #[error(transparent)]
@@ -57,6 +61,8 @@ pub struct Application {
     store: Store,
     vault: Arc<Vault>,
     callers: Arc<Callers>,
+    calls: api::Calls,
+    failures: Arc<api::FailedAuthentications>,
 }
 
 impl Application {
@@ -70,10 +76,31 @@ impl Application {
                 path: data_dir.display().to_string(),
                 source,
             })?;
+        // A wrong policy file stops start-up before anything else is touched.
+        let policy = Arc::new(load_policy(args)?);
         let store = Store::open(&args.storage.database_url()).await?;
         let root = load_root_key(args, &store).await?;
         let keyring = Arc::new(open_keyring(&store, &root).await?);
+        let audit_keys = open_audit_keys(&store, &root).await?;
         drop(root);
+        let trail = AuditTrail::new(
+            store.clone(),
+            audit_keys.chain,
+            &audit_keys.checkpoint_seed,
+            policy.version().to_owned(),
+            CheckpointSettings {
+                file: Some(args.audit_checkpoint_file()),
+                every_events: args.audit.checkpoint_events.max(1),
+                every: std::time::Duration::from_secs(args.audit.checkpoint_seconds.max(1)),
+            },
+        );
+        trail.spawn_checkpointer();
+        spawn_audit_pruning(trail.clone(), args.audit.retention_days);
+        tracing::info!(
+            version = policy.version(),
+            date = policy.date(),
+            "policy in force"
+        );
 
         let callers = Arc::new(Callers::new(store.clone()));
         let token_file = args.operator_token_file();
@@ -87,7 +114,12 @@ impl Application {
             tracing::info!(path = %token_file.display(), "first operator token written (mode 0600)");
         }
 
-        let vault = Arc::new(Vault::new(store.clone(), keyring));
+        let vault = Arc::new(Vault::new(store.clone(), keyring, policy.clone()));
+        let failures = api::FailedAuthentications::new(
+            trail.clone(),
+            std::time::Duration::from_secs(args.audit.auth_failure_window_seconds.max(1)),
+        );
+        let calls = api::Calls { policy, trail };
         let listener =
             TcpListener::bind(args.listen)
                 .await
@@ -107,7 +139,14 @@ impl Application {
             store,
             vault,
             callers,
+            calls,
+            failures,
         })
+    }
+
+    /// The audit trail of this instance.
+    pub fn audit_trail(&self) -> &Arc<AuditTrail> {
+        &self.calls.trail
     }
 
     /// The address actually bound (the port is known even when port 0 was asked for).
@@ -125,17 +164,77 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartupError> {
         tracing::info!(addr = %self.local_addr, backend = self.store.backend_name(), "kluis serving");
-        let result = api::serve(self.listener, self.vault, self.callers, shutdown).await;
+        let failures = self.failures.clone();
+        let trail = self.calls.trail.clone();
+        let result = api::serve(
+            self.listener,
+            self.vault,
+            self.callers,
+            self.calls,
+            self.failures,
+            shutdown,
+        )
+        .await;
+        // The failures counted in the current window, and a last checkpoint of the head.
+        failures.flush().await;
+        if let Err(e) = trail.checkpoint().await {
+            tracing::warn!(error = %e, "final audit checkpoint failed");
+        }
         self.store.close().await;
         tracing::info!("kluis stopped");
         Ok(result?)
     }
 }
 
+/// The audit trail of the database in `args`, for offline verification (no server, no tasks).
+pub async fn open_audit_trail(args: &ServeArgs) -> Result<Arc<AuditTrail>, StartupError> {
+    let policy = load_policy(args)?;
+    let store = Store::open(&args.storage.database_url()).await?;
+    let root = load_root_key(args, &store).await?;
+    open_keyring(&store, &root).await?;
+    let keys = open_audit_keys(&store, &root).await?;
+    drop(root);
+    Ok(AuditTrail::new(
+        store,
+        keys.chain,
+        &keys.checkpoint_seed,
+        policy.version().to_owned(),
+        CheckpointSettings {
+            file: Some(args.audit_checkpoint_file()),
+            every_events: args.audit.checkpoint_events.max(1),
+            every: std::time::Duration::from_secs(args.audit.checkpoint_seconds.max(1)),
+        },
+    ))
+}
+
+/// The policy file named in the settings, else the shipped one; either is validated whole.
+pub fn load_policy(args: &ServeArgs) -> Result<Policy, PolicyErrors> {
+    match &args.policy {
+        Some(path) => Policy::load(path),
+        None => Policy::shipped(),
+    }
+}
+
+/// Prunes audit events older than the retention once a day (and once shortly after start).
+fn spawn_audit_pruning(trail: Arc<AuditTrail>, retention_days: u32) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(24 * 3600));
+        loop {
+            tick.tick().await;
+            let cutoff = crate::domain::now_us() - i64::from(retention_days) * 86_400_000_000;
+            match trail.prune(cutoff).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(events = n, retention_days, "old audit events pruned"),
+                Err(e) => tracing::warn!(error = %e, "audit pruning failed"),
+            }
+        }
+    });
+}
+
 /// The root key from `KLUIS_ROOT_KEY`, else the key file; on a fresh database without a key file a
 /// new key is generated and written (0600). A database that already has a key-check value but no
 /// key to match it is refused instead of being given a new key.
-async fn load_root_key(args: &ServeArgs, store: &Store) -> Result<RootKey, StartupError> {
+pub async fn load_root_key(args: &ServeArgs, store: &Store) -> Result<RootKey, StartupError> {
     if let Ok(text) = std::env::var("KLUIS_ROOT_KEY") {
         let text = Zeroizing::new(text);
         tracing::info!("root key taken from KLUIS_ROOT_KEY");

@@ -35,6 +35,62 @@ pub struct ServeArgs {
     /// Root key file; default `<data-dir>/root.key`, created (mode 0600) on first start.
     #[arg(long, env = "KLUIS_KEY_FILE")]
     pub key_file: Option<PathBuf>,
+    /// The privacy policy (TOML); default: the shipped policy (`kluis policy show`).
+    #[arg(long, env = "KLUIS_POLICY")]
+    pub policy: Option<PathBuf>,
+    #[command(flatten)]
+    pub audit: AuditArgs,
+}
+
+/// Settings of the audit trail.
+#[derive(Clone, Debug, Args)]
+pub struct AuditArgs {
+    /// Append-only file that receives every signed checkpoint outside the database; default
+    /// `<data-dir>/audit-checkpoints.jsonl`. Ship it elsewhere (or point it at another disk).
+    #[arg(long = "audit-checkpoint-file", env = "KLUIS_AUDIT_CHECKPOINT_FILE")]
+    pub checkpoint_file: Option<PathBuf>,
+    /// A checkpoint after this many events…
+    #[arg(
+        long = "audit-checkpoint-events",
+        env = "KLUIS_AUDIT_CHECKPOINT_EVENTS",
+        default_value_t = 10_000
+    )]
+    pub checkpoint_events: u64,
+    /// …or after this many seconds with new events: at most this long are events unprotected by
+    /// an outside checkpoint.
+    #[arg(
+        long = "audit-checkpoint-seconds",
+        env = "KLUIS_AUDIT_CHECKPOINT_SECONDS",
+        default_value_t = 10
+    )]
+    pub checkpoint_seconds: u64,
+    /// Audit events older than this many days are pruned (up to a checkpoint); default 7 years.
+    #[arg(
+        long = "audit-retention-days",
+        env = "KLUIS_AUDIT_RETENTION_DAYS",
+        default_value_t = 2557
+    )]
+    pub retention_days: u32,
+    /// Failed authentications from one address are recorded once at first, then counted and
+    /// recorded once per this many seconds.
+    #[arg(
+        long = "auth-failure-window-seconds",
+        env = "KLUIS_AUTH_FAILURE_WINDOW_SECONDS",
+        default_value_t = 60
+    )]
+    pub auth_failure_window_seconds: u64,
+}
+
+impl Default for AuditArgs {
+    fn default() -> Self {
+        Self {
+            checkpoint_file: None,
+            checkpoint_events: 10_000,
+            checkpoint_seconds: 10,
+            retention_days: 2557,
+            auth_failure_window_seconds: 60,
+        }
+    }
 }
 
 impl ServeArgs {
@@ -47,6 +103,8 @@ impl ServeArgs {
                 database_url,
             },
             key_file: None,
+            policy: None,
+            audit: AuditArgs::default(),
         }
     }
 
@@ -54,6 +112,13 @@ impl ServeArgs {
         self.key_file
             .clone()
             .unwrap_or_else(|| self.storage.data_dir.join("root.key"))
+    }
+
+    pub fn audit_checkpoint_file(&self) -> PathBuf {
+        self.audit
+            .checkpoint_file
+            .clone()
+            .unwrap_or_else(|| self.storage.data_dir.join("audit-checkpoints.jsonl"))
     }
 
     pub fn operator_token_file(&self) -> PathBuf {

@@ -5,9 +5,11 @@
 
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+pub mod policy;
 pub mod store;
 pub mod telemetry;
 

@@ -1,4 +1,5 @@
-//! The `kluis` command: serve, health, migrate, token. Wiring only; the work is in the library.
+//! The `kluis` command: serve, health, migrate, token, policy, audit. Wiring only; the work is in
+//! the library.
 
 use std::{net::SocketAddr, process::ExitCode, sync::Arc};
 
@@ -41,6 +42,51 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Check, explain or print the privacy policy file.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Verify the audit trail or print its latest checkpoint (offline, against the database).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file as `kluis serve` does at start; errors name file, line and problem.
+    Check { file: std::path::PathBuf },
+    /// Print the purposes as a reader of the privacy statement would recognise them.
+    Explain {
+        /// A policy file; default: the shipped policy.
+        #[arg(long, env = "KLUIS_POLICY")]
+        policy: Option<std::path::PathBuf>,
+        /// nl or en.
+        #[arg(long, default_value = "nl")]
+        lang: String,
+    },
+    /// Print the shipped policy file (a starting point for your own).
+    Show,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute the keyed chain and check every checkpoint (database and checkpoint files);
+    /// exit 0 when intact, 1 with the first broken position otherwise.
+    Verify {
+        #[command(flatten)]
+        args: ServeArgs,
+        /// Further checkpoint files to check (e.g. copies shipped from other instances).
+        #[arg(long = "also-checkpoint-file")]
+        also: Vec<std::path::PathBuf>,
+    },
+    /// Print the latest signed checkpoint (JSON) for shipping elsewhere.
+    Checkpoint {
+        #[command(flatten)]
+        args: ServeArgs,
     },
 }
 
@@ -115,6 +161,83 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Token { command } => token(command).await,
+        Command::Policy { command } => policy(command),
+        Command::Audit { command } => audit(command).await,
+    }
+}
+
+fn policy(command: PolicyCommand) -> Result<ExitCode, String> {
+    use kluis::policy::{Lang, Policy};
+    match command {
+        PolicyCommand::Check { file } => {
+            let policy = Policy::load(&file).map_err(|e| e.to_string())?;
+            println!(
+                "{}: valid (policy version {}, {})",
+                file.display(),
+                policy.version(),
+                policy.date()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Explain { policy, lang } => {
+            let lang: Lang = lang
+                .parse()
+                .map_err(|_| format!("--lang {lang}: expected nl or en"))?;
+            let policy = match policy {
+                Some(path) => Policy::load(&path),
+                None => Policy::shipped(),
+            }
+            .map_err(|e| e.to_string())?;
+            print!("{}", policy.explain(lang));
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Show => {
+            print!("{}", kluis::policy::DEFAULT_TOML);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn audit(command: AuditCommand) -> Result<ExitCode, String> {
+    match command {
+        AuditCommand::Verify { args, also } => {
+            let trail = kluis::app::open_audit_trail(&args)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut files = vec![args.audit_checkpoint_file()];
+            files.extend(also);
+            match trail.verify(&files).await.map_err(|e| e.to_string())? {
+                Ok(report) => {
+                    println!(
+                        "audit chain intact: {} events (seq {}..{}), {} checkpoints checked, last checkpoint at seq {}",
+                        report.events,
+                        report.first_seq.unwrap_or(0),
+                        report.last_seq.unwrap_or(0),
+                        report.checkpoints_checked,
+                        report.last_checkpoint_seq.unwrap_or(0)
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(broken) => {
+                    println!("audit chain BROKEN at seq {}: {broken}", broken.seq());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        AuditCommand::Checkpoint { args } => {
+            let trail = kluis::app::open_audit_trail(&args)
+                .await
+                .map_err(|e| e.to_string())?;
+            match trail.latest_checkpoint().await.map_err(|e| e.to_string())? {
+                Some(cp) => {
+                    println!("{}", serde_json::to_string(&cp).map_err(|e| e.to_string())?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    Err("no checkpoint yet (the chain is empty or kluis has not signed one)".into())
+                }
+            }
+        }
     }
 }
 
@@ -135,7 +258,7 @@ async fn token(command: TokenCommand) -> Result<ExitCode, String> {
         } => {
             let role: Role = role
                 .parse()
-                .map_err(|e: kluis::domain::DomainError| e.to_string())?;
+                .map_err(|e: kluis::policy::UnknownRole| e.to_string())?;
             let (store, callers) = open(&storage).await?;
             let (info, token) = callers
                 .create(&caller, role)

@@ -4,16 +4,17 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{auth::context, convert::to_timestamp, pb, status::to_status};
+use super::{auth::context, call::Calls, convert::to_timestamp, pb};
 use crate::domain::{CallerInfo, Callers, Role};
 
 pub struct AdminApi {
     callers: Arc<Callers>,
+    calls: Calls,
 }
 
 impl AdminApi {
-    pub fn new(callers: Arc<Callers>) -> Self {
-        Self { callers }
+    pub fn new(callers: Arc<Callers>, calls: Calls) -> Self {
+        Self { callers, calls }
     }
 }
 
@@ -34,14 +35,17 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::CreateCallerTokenRequest>,
     ) -> Result<Response<pb::CreateCallerTokenResponse>, Status> {
         let ctx = context(&request)?;
+        let mut draft = self.calls.open(&ctx);
         let req = request.into_inner();
         let result = async {
             ctx.caller.require_operator("CreateCallerToken")?;
             let role: Role = req.role.parse()?;
-            self.callers.create(&req.name, role).await
+            self.callers
+                .create_audited(&req.name, role, &mut draft)
+                .await
         }
         .await;
-        let (info, token) = result.map_err(|e| to_status(e, &ctx.request_id))?;
+        let (info, token) = self.calls.finish(&ctx, draft, result).await?;
         Ok(Response::new(pb::CreateCallerTokenResponse {
             caller: Some(caller_message(&info)),
             token: token.to_string(),
@@ -53,12 +57,15 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::RevokeCallerTokenRequest>,
     ) -> Result<Response<pb::RevokeCallerTokenResponse>, Status> {
         let ctx = context(&request)?;
+        let mut draft = self.calls.open(&ctx);
         let result = async {
             ctx.caller.require_operator("RevokeCallerToken")?;
-            self.callers.revoke(&request.get_ref().id).await
+            self.callers
+                .revoke_audited(&request.get_ref().id, &mut draft)
+                .await
         }
         .await;
-        let info = result.map_err(|e| to_status(e, &ctx.request_id))?;
+        let info = self.calls.finish(&ctx, draft, result).await?;
         Ok(Response::new(pb::RevokeCallerTokenResponse {
             caller: Some(caller_message(&info)),
         }))
@@ -69,12 +76,13 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::ListCallersRequest>,
     ) -> Result<Response<pb::ListCallersResponse>, Status> {
         let ctx = context(&request)?;
+        let draft = self.calls.open(&ctx);
         let result = async {
             ctx.caller.require_operator("ListCallers")?;
             self.callers.list().await
         }
         .await;
-        let callers = result.map_err(|e| to_status(e, &ctx.request_id))?;
+        let callers = self.calls.finish(&ctx, draft, result).await?;
         Ok(Response::new(pb::ListCallersResponse {
             callers: callers.iter().map(caller_message).collect(),
         }))

@@ -1,5 +1,7 @@
 //! The authentication layer: a request id for every call, the bearer token checked before any
-//! kluis handler runs (health and reflection pass without one), and one log line per call.
+//! kluis handler runs (health and reflection pass without one), the declared purpose and reason
+//! taken along for the handler, failed authentications counted for the audit trail, and one log
+//! line per call.
 
 use std::{
     pin::Pin,
@@ -13,13 +15,118 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use super::status::to_status;
-use crate::domain::{Caller, Callers};
+use crate::{
+    audit::{AuditEvent, AuditTrail, FORMAT_VERSION},
+    domain::{Caller, Callers, access::Declared, now_us},
+};
 
 /// What the layer found out about a call, for the handler: take it with [`context`].
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     pub request_id: String,
     pub caller: Caller,
+    /// `package.Service/Method`.
+    pub method: String,
+    /// The client's address (`ip:port`), or empty when the transport did not say.
+    pub peer: String,
+    /// `x-kluis-purpose` and `x-kluis-reason` as sent.
+    pub declared: Declared,
+}
+
+/// Failed authentications per client address, so a token-guessing client cannot flood the audit
+/// trail: the first failure of an address in a window is recorded at once, the rest of that
+/// window as one event with their count when the window ends.
+pub struct FailedAuthentications {
+    trail: Arc<AuditTrail>,
+    window: std::time::Duration,
+    counts: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+impl FailedAuthentications {
+    pub fn new(trail: Arc<AuditTrail>, window: std::time::Duration) -> Arc<Self> {
+        let this = Arc::new(Self {
+            trail,
+            window,
+            counts: std::sync::Mutex::new(std::collections::HashMap::new()),
+        });
+        let flusher = Arc::downgrade(&this);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(window);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(this) = flusher.upgrade() else {
+                    return;
+                };
+                this.flush().await;
+            }
+        });
+        this
+    }
+
+    fn event(&self, peer: &str, count: u32, method: &str, request_id: &str) -> AuditEvent {
+        AuditEvent {
+            v: FORMAT_VERSION,
+            at_us: now_us(),
+            method: "auth.failed".into(),
+            policy_version: self.trail.policy_version().to_owned(),
+            outcome: "UNAUTHENTICATED".into(),
+            request_id: request_id.to_owned(),
+            peer: peer.to_owned(),
+            count,
+            detail: if method.is_empty() {
+                String::new()
+            } else {
+                format!("rpc={method}")
+            },
+            ..AuditEvent::default()
+        }
+    }
+
+    fn note(&self, peer: &str, method: &str, request_id: &str) {
+        // Counted per address, not per connection: a client reconnecting gets no fresh window.
+        let key = peer
+            .rsplit_once(':')
+            .map_or(peer, |(host, _)| host)
+            .to_owned();
+        let first = match self.counts.lock() {
+            Ok(mut counts) => {
+                let n = counts.entry(key.clone()).or_insert(0);
+                *n += 1;
+                *n == 1
+            }
+            Err(_) => false,
+        };
+        if first {
+            let event = self.event(&key, 1, method, request_id);
+            let trail = self.trail.clone();
+            tokio::spawn(async move {
+                if let Err(e) = trail.record(&event).await {
+                    tracing::warn!(error = %e, "failed authentication not recorded in the audit trail");
+                }
+            });
+        }
+    }
+
+    /// Records the failures counted since each address's first one, and starts a new window.
+    pub async fn flush(&self) {
+        let counts = match self.counts.lock() {
+            Ok(mut counts) => std::mem::take(&mut *counts),
+            Err(_) => return,
+        };
+        for (peer, n) in counts {
+            if n > 1 {
+                let event = self.event(&peer, n - 1, "", "");
+                if let Err(e) = self.trail.record(&event).await {
+                    tracing::warn!(error = %e, "failed authentications not recorded in the audit trail");
+                }
+            }
+        }
+    }
+
+    pub fn window(&self) -> std::time::Duration {
+        self.window
+    }
 }
 
 /// Paths served without a token: the health protocol and server reflection.
@@ -32,11 +139,12 @@ fn is_public(path: &str) -> bool {
 #[derive(Clone)]
 pub struct AuthLayer {
     callers: Arc<Callers>,
+    failures: Arc<FailedAuthentications>,
 }
 
 impl AuthLayer {
-    pub fn new(callers: Arc<Callers>) -> Self {
-        Self { callers }
+    pub fn new(callers: Arc<Callers>, failures: Arc<FailedAuthentications>) -> Self {
+        Self { callers, failures }
     }
 }
 
@@ -46,6 +154,7 @@ impl<S> Layer<S> for AuthLayer {
         AuthService {
             inner,
             callers: self.callers.clone(),
+            failures: self.failures.clone(),
         }
     }
 }
@@ -54,6 +163,16 @@ impl<S> Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     callers: Arc<Callers>,
+    failures: Arc<FailedAuthentications>,
+}
+
+/// A metadata value as text, if it is one.
+fn header_text<B>(request: &Request<B>, name: &str) -> Option<String> {
+    request
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -78,6 +197,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let callers = self.callers.clone();
+        let failures = self.failures.clone();
         let method = request.uri().path().to_owned();
         if is_public(&method) {
             return Box::pin(inner.call(request));
@@ -91,18 +211,36 @@ where
                     .headers()
                     .get(http::header::AUTHORIZATION)
                     .map(|v| v.to_str().unwrap_or("\u{0}"));
+                let peer = request
+                    .extensions()
+                    .get::<tonic::transport::server::TcpConnectInfo>()
+                    .and_then(|info| info.remote_addr())
+                    .map(|addr| addr.to_string())
+                    .unwrap_or_default();
                 let mut response = match callers.authenticate(header).await {
                     Ok(caller) => {
                         let span = tracing::Span::current();
                         span.record("caller", caller.name.as_str());
                         span.record("role", caller.role.as_str());
+                        let declared = Declared {
+                            purpose: header_text(&request, "x-kluis-purpose"),
+                            reason: header_text(&request, "x-kluis-reason"),
+                        };
                         request.extensions_mut().insert(RequestContext {
                             request_id: request_id.clone(),
                             caller,
+                            method: method.trim_start_matches('/').to_owned(),
+                            peer,
+                            declared,
                         });
                         inner.call(request).await?
                     }
-                    Err(e) => to_status(e, &request_id).into_http(),
+                    Err(e) => {
+                        if matches!(e, crate::domain::DomainError::Unauthenticated(_)) {
+                            failures.note(&peer, method.trim_start_matches('/'), &request_id);
+                        }
+                        to_status(e, &request_id).into_http()
+                    }
                 };
                 if let Ok(v) = HeaderValue::from_str(&request_id) {
                     response.headers_mut().insert("x-request-id", v);

@@ -547,3 +547,20 @@ fn billing_address(s: &mut pb::Subject) -> &mut pb::Address {
         .address
         .get_or_insert_with(Default::default)
 }
+
+/// The masked part of an answer.
+pub fn masked_values(shown: &crate::domain::vault::Shown) -> Vec<pb::MaskedValue> {
+    shown
+        .masked
+        .iter()
+        .map(|(path, masked)| pb::MaskedValue {
+            path: path.as_str().to_owned(),
+            masked: masked.clone(),
+        })
+        .collect()
+}
+
+/// Field paths as the API lists them.
+pub fn path_names(paths: crate::policy::PathSet) -> Vec<String> {
+    paths.iter().map(|p| p.as_str().to_owned()).collect()
+}

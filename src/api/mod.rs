@@ -1,7 +1,10 @@
 //! The gRPC surface: kluis services, health, reflection (v1 and v1alpha), the auth layer.
 
 mod admin;
+mod audit;
 mod auth;
+mod call;
+mod consent;
 mod convert;
 pub mod pb;
 mod status;
@@ -12,7 +15,8 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 
-pub use auth::RequestContext;
+pub use auth::{FailedAuthentications, RequestContext};
+pub use call::Calls;
 
 use crate::domain::{Callers, Vault};
 
@@ -25,6 +29,8 @@ pub async fn serve(
     listener: TcpListener,
     vault: Arc<Vault>,
     callers: Arc<Callers>,
+    calls: Calls,
+    failures: Arc<FailedAuthentications>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -33,6 +39,12 @@ pub async fn serve(
         .await;
     health
         .set_serving::<pb::admin_service_server::AdminServiceServer<admin::AdminApi>>()
+        .await;
+    health
+        .set_serving::<pb::consent_service_server::ConsentServiceServer<consent::ConsentApi>>()
+        .await;
+    health
+        .set_serving::<pb::audit_service_server::AuditServiceServer<audit::AuditApi>>()
         .await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -51,20 +63,36 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| ServeError(e.to_string()))?;
 
-    let subjects =
-        pb::subject_service_server::SubjectServiceServer::new(subject::SubjectApi::new(vault))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let admin =
-        pb::admin_service_server::AdminServiceServer::new(admin::AdminApi::new(callers.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let subjects = pb::subject_service_server::SubjectServiceServer::new(subject::SubjectApi::new(
+        vault.clone(),
+        calls.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = pb::admin_service_server::AdminServiceServer::new(admin::AdminApi::new(
+        callers.clone(),
+        calls.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let consent = pb::consent_service_server::ConsentServiceServer::new(consent::ConsentApi::new(
+        vault,
+        calls.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let audit = pb::audit_service_server::AuditServiceServer::new(audit::AuditApi::new(
+        calls.trail.clone(),
+        calls,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
     Server::builder()
-        .layer(auth::AuthLayer::new(callers))
+        .layer(auth::AuthLayer::new(callers, failures))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(subjects)
         .add_service(admin)
+        .add_service(consent)
+        .add_service(audit)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
         .map_err(|e| ServeError(e.to_string()))

@@ -40,4 +40,5 @@ redacted_debug!(
     BatchGetSubjectsResult,
     batch_get_subjects_result::Result,
     CreateCallerTokenResponse,
+    MaskedValue,
 );

@@ -30,6 +30,10 @@ pub fn to_status(e: DomainError, request_id: &str) -> Status {
             tracing::info!(request_id, reason = %m, "permission denied");
             Status::permission_denied(m)
         }
+        DomainError::FailedPrecondition(m) => {
+            tracing::info!(request_id, reason = %m, "failed precondition");
+            Status::failed_precondition(m)
+        }
         e @ (DomainError::NotFound | DomainError::NotFoundNamed { .. }) => {
             Status::not_found(e.to_string())
         }
@@ -52,5 +56,28 @@ pub fn to_status(e: DomainError, request_id: &str) -> Status {
             tracing::error!(request_id, cause = %cause, "internal error");
             Status::internal(format!("internal error (request id {request_id})"))
         }
+    }
+}
+
+/// The canonical name of a status code, as the audit trail records outcomes.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }

@@ -4,24 +4,17 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{auth::context, convert, pb, status::to_status};
-use crate::domain::{DomainError, FieldPath, Vault, vault::MAX_BATCH_GET};
+use super::{auth::context, call::Calls, convert, pb, status::to_status};
+use crate::domain::{DomainError, Vault, vault::MAX_BATCH_GET};
 
 pub struct SubjectApi {
     vault: Arc<Vault>,
+    calls: Calls,
 }
 
 impl SubjectApi {
-    pub fn new(vault: Arc<Vault>) -> Self {
-        Self { vault }
-    }
-}
-
-fn all_or(paths: Vec<FieldPath>) -> Vec<FieldPath> {
-    if paths.is_empty() {
-        FieldPath::ALL.to_vec()
-    } else {
-        paths
+    pub fn new(vault: Arc<Vault>, calls: Calls) -> Self {
+        Self { vault, calls }
     }
 }
 
@@ -32,18 +25,22 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
         request: Request<pb::CreateSubjectRequest>,
     ) -> Result<Response<pb::CreateSubjectResponse>, Status> {
         let ctx = context(&request)?;
+        let mut draft = self.calls.open(&ctx);
         let req = request.into_inner();
         let result = async {
+            let access = self.calls.authorize(&ctx)?;
             let subject = req.subject.unwrap_or_default();
             let fields = convert::subject_fields(&subject)?;
             let source = convert::source(&req.source)?;
-            self.vault.create(&ctx.caller, fields, source).await
+            self.vault.create(&access, fields, source, &mut draft).await
         }
         .await;
-        let view = result.map_err(|e| to_status(e, &ctx.request_id))?;
-        tracing::info!(subject = %view.id, paths = view.fields.len(), "subject created");
+        let shown = self.calls.finish(&ctx, draft, result).await?;
+        tracing::info!(subject = %shown.view.id, "subject created");
         Ok(Response::new(pb::CreateSubjectResponse {
-            subject: Some(convert::subject_message(&view, true)),
+            subject: Some(convert::subject_message(&shown.view, true)),
+            masked_values: convert::masked_values(&shown),
+            withheld_paths: convert::path_names(shown.withheld),
         }))
     }
 
@@ -52,18 +49,22 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
         request: Request<pb::GetSubjectRequest>,
     ) -> Result<Response<pb::GetSubjectResponse>, Status> {
         let ctx = context(&request)?;
+        let mut draft = self.calls.open(&ctx);
         let req = request.into_inner();
         let result = async {
+            let access = self.calls.authorize(&ctx)?;
             let id = convert::subject_id("id", &req.id)
                 .map_err(|v| DomainError::InvalidArgument(vec![v]))?;
-            let paths = all_or(convert::mask_paths(req.read_mask.as_ref(), "read_mask")?);
+            let asked = convert::mask_paths(req.read_mask.as_ref(), "read_mask")?;
             let full = convert::full_view(req.view)?;
-            Ok((self.vault.get(id, &paths).await?, full))
+            Ok((self.vault.get(&access, id, &asked, &mut draft).await?, full))
         }
         .await;
-        let (view, full) = result.map_err(|e| to_status(e, &ctx.request_id))?;
+        let (shown, full) = self.calls.finish(&ctx, draft, result).await?;
         Ok(Response::new(pb::GetSubjectResponse {
-            subject: Some(convert::subject_message(&view, full)),
+            subject: Some(convert::subject_message(&shown.view, full)),
+            masked_values: convert::masked_values(&shown),
+            withheld_paths: convert::path_names(shown.withheld),
         }))
     }
 
@@ -72,8 +73,10 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
         request: Request<pb::UpdateSubjectRequest>,
     ) -> Result<Response<pb::UpdateSubjectResponse>, Status> {
         let ctx = context(&request)?;
+        let mut draft = self.calls.open(&ctx);
         let req = request.into_inner();
         let result = async {
+            let access = self.calls.authorize(&ctx)?;
             let subject = req.subject.unwrap_or_default();
             let id = convert::subject_id("subject.id", &subject.id)
                 .map_err(|v| DomainError::InvalidArgument(vec![v]))?;
@@ -84,17 +87,28 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
                     "name at least one field path to set",
                 ));
             }
+            // Refused whole, before any value is looked at, when a path is outside the grant.
+            access.check_write(paths.iter().copied())?;
             let changes = convert::subject_changes(&subject, &paths)?;
             let source = convert::source(&req.source)?;
             self.vault
-                .update(&ctx.caller, id, changes, req.expected_version, source)
+                .update(
+                    &access,
+                    id,
+                    changes,
+                    req.expected_version,
+                    source,
+                    &mut draft,
+                )
                 .await
         }
         .await;
-        let view = result.map_err(|e| to_status(e, &ctx.request_id))?;
-        tracing::info!(subject = %view.id, version = view.version, "subject updated");
+        let shown = self.calls.finish(&ctx, draft, result).await?;
+        tracing::info!(subject = %shown.view.id, version = shown.view.version, "subject updated");
         Ok(Response::new(pb::UpdateSubjectResponse {
-            subject: Some(convert::subject_message(&view, true)),
+            subject: Some(convert::subject_message(&shown.view, true)),
+            masked_values: convert::masked_values(&shown),
+            withheld_paths: convert::path_names(shown.withheld),
         }))
     }
 
@@ -103,12 +117,14 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
         request: Request<pb::FindSubjectsRequest>,
     ) -> Result<Response<pb::FindSubjectsResponse>, Status> {
         let ctx = context(&request)?;
+        let mut draft = self.calls.open(&ctx);
         let result = async {
+            let access = self.calls.authorize(&ctx)?;
             let key = convert::lookup_key(request.get_ref())?;
-            self.vault.find(&key).await
+            self.vault.find(&access, &key, &mut draft).await
         }
         .await;
-        let ids = result.map_err(|e| to_status(e, &ctx.request_id))?;
+        let ids = self.calls.finish(&ctx, draft, result).await?;
         Ok(Response::new(pb::FindSubjectsResponse {
             subject_ids: ids.iter().map(|id| id.to_string()).collect(),
         }))
@@ -119,8 +135,10 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
         request: Request<pb::BatchGetSubjectsRequest>,
     ) -> Result<Response<pb::BatchGetSubjectsResponse>, Status> {
         let ctx = context(&request)?;
+        let mut draft = self.calls.open(&ctx);
         let req = request.into_inner();
         let result = async {
+            let access = self.calls.authorize(&ctx)?;
             if req.ids.is_empty() || req.ids.len() > MAX_BATCH_GET {
                 return Err(DomainError::invalid(
                     "ids",
@@ -138,29 +156,41 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
             if !violations.is_empty() {
                 return Err(DomainError::InvalidArgument(violations));
             }
-            let paths = all_or(convert::mask_paths(req.read_mask.as_ref(), "read_mask")?);
+            let asked = convert::mask_paths(req.read_mask.as_ref(), "read_mask")?;
             let full = convert::full_view(req.view)?;
-            Ok((self.vault.batch_get(&ids, &paths).await?, full))
+            Ok((
+                self.vault
+                    .batch_get(&access, &ids, &asked, &mut draft)
+                    .await?,
+                full,
+            ))
         }
         .await;
-        let (items, full) = result.map_err(|e| to_status(e, &ctx.request_id))?;
+        let (items, full) = self.calls.finish(&ctx, draft, result).await?;
         let results = items
             .into_iter()
             .map(|(id, item)| {
                 use pb::batch_get_subjects_result::Result as Item;
-                let result = match item {
-                    Ok(view) => Item::Subject(convert::subject_message(&view, full)),
+                let (result, masked_values, withheld_paths) = match item {
+                    Ok(shown) => (
+                        Item::Subject(convert::subject_message(&shown.view, full)),
+                        convert::masked_values(&shown),
+                        convert::path_names(shown.withheld),
+                    ),
                     Err(e) => {
                         let status = to_status(e, &ctx.request_id);
-                        Item::Error(pb::ItemError {
+                        let error = pb::ItemError {
                             code: status.code() as i32,
                             message: status.message().to_owned(),
-                        })
+                        };
+                        (Item::Error(error), Vec::new(), Vec::new())
                     }
                 };
                 pb::BatchGetSubjectsResult {
                     id: id.to_string(),
                     result: Some(result),
+                    masked_values,
+                    withheld_paths,
                 }
             })
             .collect();
@@ -172,14 +202,15 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
         request: Request<pb::EraseSubjectRequest>,
     ) -> Result<Response<pb::EraseSubjectResponse>, Status> {
         let ctx = context(&request)?;
+        let mut draft = self.calls.open(&ctx);
         let result = async {
-            ctx.caller.require_operator("EraseSubject")?;
+            let access = self.calls.authorize(&ctx)?;
             let id = convert::subject_id("id", &request.get_ref().id)
                 .map_err(|v| DomainError::InvalidArgument(vec![v]))?;
-            self.vault.erase(id).await
+            self.vault.erase(&access, id, &mut draft).await
         }
         .await;
-        let at = result.map_err(|e| to_status(e, &ctx.request_id))?;
+        let at = self.calls.finish(&ctx, draft, result).await?;
         Ok(Response::new(pb::EraseSubjectResponse {
             erase_time: Some(convert::to_timestamp(at)),
         }))

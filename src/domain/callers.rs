@@ -7,8 +7,6 @@
 
 use std::{
     collections::HashMap,
-    fmt,
-    str::FromStr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -16,61 +14,21 @@ use std::{
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use super::{DomainError, now_us};
+use super::{DomainError, call::Draft, now_us};
 use crate::{
     crypto::CallerToken,
-    store::{CallerRow, Store},
+    store::{CallerRow, Store, WriteOp, WriteOutcome},
 };
 
 /// How long a caller row is trusted before it is read again (the revocation window elsewhere).
 pub const CACHE_TTL: Duration = Duration::from_secs(1);
 const CACHE_MAX: usize = 10_000;
 
-/// A caller's role (DESIGN.md §2). The policy issue makes roles file-driven.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    HostingBackend,
-    Billing,
-    MarketingMailer,
-    Operator,
-}
+pub use crate::policy::Role;
 
-impl Role {
-    pub const ALL: [Role; 4] = [
-        Role::HostingBackend,
-        Role::Billing,
-        Role::MarketingMailer,
-        Role::Operator,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::HostingBackend => "hosting-backend",
-            Role::Billing => "billing",
-            Role::MarketingMailer => "marketing-mailer",
-            Role::Operator => "operator",
-        }
-    }
-}
-
-impl FromStr for Role {
-    type Err = DomainError;
-    fn from_str(s: &str) -> Result<Self, DomainError> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| {
-                DomainError::invalid(
-                    "role",
-                    "unknown role: expected hosting-backend, billing, marketing-mailer or operator",
-                )
-            })
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+impl From<crate::policy::UnknownRole> for DomainError {
+    fn from(e: crate::policy::UnknownRole) -> Self {
+        DomainError::invalid("role", e)
     }
 }
 
@@ -218,21 +176,85 @@ impl Callers {
         Ok((info, token.reveal()))
     }
 
+    /// [`Callers::create`] with the call's audit event committed in the same transaction.
+    pub async fn create_audited(
+        &self,
+        name: &str,
+        role: Role,
+        draft: &mut Draft,
+    ) -> Result<(CallerInfo, Zeroizing<String>), DomainError> {
+        let token = CallerToken::generate()?;
+        let row = self.new_row(name, role, &token)?;
+        draft.event.detail = format!("caller={} role={}", row.id, row.role);
+        self.store
+            .write_audited(WriteOp::InsertCaller(row.clone()), draft.committed_record())
+            .await?;
+        draft.committed = true;
+        tracing::info!(caller_id = %row.id, caller = %row.name, role = %row.role, "caller created");
+        Ok((CallerInfo::from(&row), token.reveal()))
+    }
+
+    /// [`Callers::revoke`] with the call's audit event committed in the same transaction.
+    pub async fn revoke_audited(
+        &self,
+        id: &str,
+        draft: &mut Draft,
+    ) -> Result<CallerInfo, DomainError> {
+        draft.event.detail = format!("caller={id}");
+        let op = WriteOp::RevokeCaller {
+            id: id.to_owned(),
+            at: now_us(),
+        };
+        match self
+            .store
+            .write_audited(op, draft.committed_record())
+            .await?
+        {
+            WriteOutcome::CallerRevoked { found: true } => {}
+            _ => return Err(DomainError::NotFoundNamed { what: "caller" }),
+        }
+        draft.committed = true;
+        let row = self
+            .store
+            .caller(id)
+            .await?
+            .ok_or(DomainError::NotFoundNamed { what: "caller" })?;
+        self.forget(id);
+        tracing::info!(caller_id = %row.id, "caller revoked");
+        Ok(CallerInfo::from(&row))
+    }
+
+    fn forget(&self, id: &str) {
+        if let Ok(mut cache) = self.cache.lock() {
+            self.revocations
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            cache.remove(id);
+        }
+    }
+
+    fn new_row(
+        &self,
+        name: &str,
+        role: Role,
+        token: &CallerToken,
+    ) -> Result<CallerRow, DomainError> {
+        Ok(CallerRow {
+            id: token.id.clone(),
+            name: caller_name(name)?,
+            role: role.as_str().to_owned(),
+            secret_hash: token.secret_hash().to_vec(),
+            created_at: now_us(),
+            revoked_at: None,
+        })
+    }
+
     async fn insert(
         &self,
         name: &str,
         role: Role,
         token: &CallerToken,
     ) -> Result<CallerInfo, DomainError> {
-        let name = caller_name(name)?;
-        let row = CallerRow {
-            id: token.id.clone(),
-            name,
-            role: role.as_str().to_owned(),
-            secret_hash: token.secret_hash().to_vec(),
-            created_at: now_us(),
-            revoked_at: None,
-        };
+        let row = self.new_row(name, role, token)?;
         self.store.insert_caller(&row).await?;
         tracing::info!(caller_id = %row.id, caller = %row.name, role = %row.role, "caller created");
         Ok(CallerInfo::from(&row))
@@ -245,11 +267,7 @@ impl Callers {
             .revoke_caller(id, now_us())
             .await?
             .ok_or(DomainError::NotFoundNamed { what: "caller" })?;
-        if let Ok(mut cache) = self.cache.lock() {
-            self.revocations
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            cache.remove(id);
-        }
+        self.forget(id);
         tracing::info!(caller_id = %row.id, "caller revoked");
         Ok(CallerInfo::from(&row))
     }

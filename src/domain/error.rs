@@ -29,6 +29,10 @@ pub enum DomainError {
     Unauthenticated(&'static str),
     #[error("{0}")]
     PermissionDenied(String),
+    /// The call is valid but the subject's state forbids it (an objection, a legal basis that
+    /// allows no objection); the text names the reason.
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("subject not found")]
     NotFound,
     #[error("{what} not found")]

@@ -13,6 +13,34 @@ use crate::{
 
 pub const KIND_KEK: &str = "kek";
 pub const KIND_BLIND_INDEX: &str = "blind-index";
+pub const KIND_AUDIT_CHAIN: &str = "audit-chain";
+pub const KIND_AUDIT_CHECKPOINT: &str = "audit-checkpoint";
+
+/// The audit trail's service keys (DESIGN.md §4): the chain's HMAC key and the seed of the Ed25519
+/// key that signs checkpoints. Random, stored wrapped under the root key, never derived from a KEK.
+pub struct AuditKeys {
+    pub chain: SecretKey,
+    pub checkpoint_seed: SecretKey,
+}
+
+/// Loads (or, on first use, creates) the audit keys. Call after [`open_keyring`] checked the root key.
+pub async fn open_audit_keys(store: &Store, root: &RootKey) -> Result<AuditKeys, KeyringError> {
+    let newest = |mut keys: BTreeMap<u32, (String, SecretKey)>, kind| {
+        keys.pop_last()
+            .map(|(_, (_, key))| key)
+            .ok_or(KeyringError::NoActiveKey(kind))
+    };
+    Ok(AuditKeys {
+        chain: newest(
+            load_or_create(store, root, KIND_AUDIT_CHAIN).await?,
+            KIND_AUDIT_CHAIN,
+        )?,
+        checkpoint_seed: newest(
+            load_or_create(store, root, KIND_AUDIT_CHECKPOINT).await?,
+            KIND_AUDIT_CHECKPOINT,
+        )?,
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {

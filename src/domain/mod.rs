@@ -1,9 +1,11 @@
 //! kluis's rules: subjects and their fields, callers and roles, keys at start-up. No gRPC, no SQL.
 
+pub mod access;
+pub mod call;
 pub mod callers;
 mod error;
 pub mod keys;
-pub mod paths;
+pub use crate::policy::paths;
 pub mod record;
 pub mod values;
 pub mod vault;

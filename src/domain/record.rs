@@ -276,6 +276,15 @@ impl SealedRecord {
         self.fields.iter().any(|f| f.path == path.as_str())
     }
 
+    /// The paths stored, known without opening anything.
+    pub fn paths(&self) -> crate::policy::PathSet {
+        crate::policy::PathSet::from_paths(
+            self.fields
+                .iter()
+                .filter_map(|f| FieldPath::from_leaf(&f.path)),
+        )
+    }
+
     /// Opens the leaves in `paths` that are stored. A leaf that fails authentication is
     /// `RecordError::Field` naming the path; leaves of paths this version does not know are skipped.
     pub fn open(

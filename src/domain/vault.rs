@@ -6,13 +6,17 @@ use std::{collections::BTreeMap, sync::Arc};
 use uuid::Uuid;
 
 use super::{
-    Caller, DomainError, FieldChanges, FieldPath, FieldValue, StoredField, Violation, now_us,
+    DomainError, FieldChanges, FieldPath, FieldValue, StoredField, Violation,
+    access::Access,
+    call::Draft,
+    now_us,
     paths::IndexKind,
     record::{RecordError, SealedRecord, index_key, new_subject_id},
     values,
 };
 use crate::{
     crypto::{CryptoError, FieldCipher, Keyring, SecretKey, WrappedKey},
+    policy::{Objection, PathSet, Policy, mask_text},
     store::{IndexEntry, Store, StoreError, SubjectRow, WriteOp, WriteOutcome},
 };
 
@@ -34,6 +38,15 @@ pub struct SubjectView {
     pub fields: BTreeMap<FieldPath, StoredField>,
 }
 
+/// A subject as one caller may see it under its purpose: the readable leaves in `view`, the
+/// masked ones apart (never in `view`), and the stored paths it may not see.
+#[derive(Debug, Clone)]
+pub struct Shown {
+    pub view: SubjectView,
+    pub masked: Vec<(FieldPath, String)>,
+    pub withheld: PathSet,
+}
+
 /// An equality lookup: a blind-indexed path and its value, parsed and normalised at the edge.
 #[derive(Clone)]
 pub struct LookupKey {
@@ -41,24 +54,53 @@ pub struct LookupKey {
     pub value: String,
 }
 
+/// How a subject objected (DESIGN.md §2: unsubscribe link, account, portal; operators record too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectionRoute {
+    UnsubscribeLink,
+    Account,
+    Portal,
+    Operator,
+}
+
+impl ObjectionRoute {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectionRoute::UnsubscribeLink => "unsubscribe-link",
+            ObjectionRoute::Account => "account",
+            ObjectionRoute::Portal => "portal",
+            ObjectionRoute::Operator => "operator",
+        }
+    }
+}
+
 /// The vault service of one instance.
 pub struct Vault {
     store: Store,
     keyring: Arc<Keyring>,
+    policy: Arc<Policy>,
 }
 
 impl Vault {
-    pub fn new(store: Store, keyring: Arc<Keyring>) -> Self {
-        Self { store, keyring }
+    pub fn new(store: Store, keyring: Arc<Keyring>, policy: Arc<Policy>) -> Self {
+        Self {
+            store,
+            keyring,
+            policy,
+        }
     }
 
-    /// Creates a subject holding `fields`; returns it as stored (version 1).
+    /// Creates a subject holding `fields` (every path inside the caller's write grant); returns
+    /// what the caller may see of it (version 1).
     pub async fn create(
         &self,
-        caller: &Caller,
+        access: &Access,
         mut fields: BTreeMap<FieldPath, FieldValue>,
         source: Option<String>,
-    ) -> Result<SubjectView, DomainError> {
+        draft: &mut Draft,
+    ) -> Result<Shown, DomainError> {
+        access.check_write(fields.keys().copied())?;
+        access.require_reason_for_values()?;
         let mut changes: FieldChanges = fields.iter().map(|(p, v)| (*p, Some(v.clone()))).collect();
         normalise_postal_codes(&mut changes, &BTreeMap::new())?;
         for (path, change) in changes {
@@ -66,7 +108,7 @@ impl Vault {
                 fields.insert(path, value);
             }
         }
-        let source = source.unwrap_or_else(|| caller.name.clone());
+        let source = source.unwrap_or_else(|| access.caller.name.clone());
         let now = now_us();
         let id = new_subject_id();
         let dek_id = Uuid::new_v4();
@@ -91,8 +133,7 @@ impl Vault {
             created_at: now,
             updated_at: now,
         };
-        self.store.write(WriteOp::Create { row, index }).await?;
-        let fields = fields
+        let fields: BTreeMap<FieldPath, StoredField> = fields
             .into_iter()
             .map(|(p, value)| {
                 let stored = StoredField {
@@ -103,68 +144,146 @@ impl Vault {
                 (p, stored)
             })
             .collect();
-        Ok(SubjectView {
+        let view = SubjectView {
             id,
             version: 1,
             created_at_us: now,
             updated_at_us: now,
             fields,
-        })
+        };
+        draft.subject(id);
+        draft.written(record.paths());
+        let shown = self.show(access, view, PathSet::all(), draft);
+        self.store
+            .write_audited(WriteOp::Create { row, index }, draft.committed_record())
+            .await?;
+        draft.committed = true;
+        Ok(shown)
     }
 
-    /// Reads the stored leaves among `paths`.
-    pub async fn get(&self, id: Uuid, paths: &[FieldPath]) -> Result<SubjectView, DomainError> {
+    /// Reads what the caller may see of a subject, limited to `asked` when given.
+    pub async fn get(
+        &self,
+        access: &Access,
+        id: Uuid,
+        asked: &[FieldPath],
+        draft: &mut Draft,
+    ) -> Result<Shown, DomainError> {
+        let wanted = access.readable(asked)?;
+        access.require_reason_for_values()?;
+        draft.subject(id);
         let row = self.store.subject(id).await?.ok_or(DomainError::NotFound)?;
-        self.open_row(&row, paths)
+        if access.objectable() && self.store.objected(id, &access.purpose).await? {
+            return Err(objected(&access.purpose));
+        }
+        let view = self.open_row(&row, wanted)?;
+        let stored = SealedRecord::decode_blob(&row.record)
+            .map_err(|e| data_loss(id, e))?
+            .paths();
+        let shown = self.show(access, view, wanted, draft);
+        draft.withheld(
+            stored
+                .difference(access.grant.read)
+                .difference(access.grant.masked),
+        );
+        Ok(Shown {
+            withheld: stored
+                .difference(access.grant.read)
+                .difference(access.grant.masked),
+            ..shown
+        })
     }
 
     /// Reads several subjects; one result per id, in the order asked, each found or not.
     pub async fn batch_get(
         &self,
+        access: &Access,
         ids: &[Uuid],
-        paths: &[FieldPath],
-    ) -> Result<Vec<(Uuid, Result<SubjectView, DomainError>)>, DomainError> {
+        asked: &[FieldPath],
+        draft: &mut Draft,
+    ) -> Result<Vec<(Uuid, Result<Shown, DomainError>)>, DomainError> {
         if ids.len() > MAX_BATCH_GET {
             return Err(DomainError::invalid(
                 "ids",
                 format!("at most {MAX_BATCH_GET} ids per call"),
             ));
         }
+        let wanted = access.readable(asked)?;
+        access.require_reason_for_values()?;
         let rows = self.store.subjects(ids).await?;
+        let objected = if access.objectable() {
+            self.store.objected_among(&access.purpose, ids).await?
+        } else {
+            Default::default()
+        };
         Ok(ids
             .iter()
             .map(|id| {
                 let result = match rows.get(id) {
                     None => Err(DomainError::NotFound),
                     Some(Err(e)) => Err(DomainError::from(e.clone())),
-                    Some(Ok(row)) => self.open_row(row, paths),
+                    Some(Ok(_)) if objected.contains(id) => Err(objected_error(&access.purpose)),
+                    Some(Ok(row)) => self.open_row(row, wanted).and_then(|view| {
+                        let stored = SealedRecord::decode_blob(&row.record)
+                            .map_err(|e| data_loss(*id, e))?
+                            .paths();
+                        draft.subject(*id);
+                        let withheld = stored
+                            .difference(access.grant.read)
+                            .difference(access.grant.masked);
+                        draft.withheld(withheld);
+                        let shown = self.show(access, view, wanted, draft);
+                        Ok(Shown { withheld, ..shown })
+                    }),
                 };
                 (*id, result)
             })
             .collect())
     }
 
-    /// Subjects whose indexed value at `key.path` equals `key.value` (at most [`MAX_FIND_RESULTS`]).
-    pub async fn find(&self, key: &LookupKey) -> Result<Vec<Uuid>, DomainError> {
+    /// Subjects whose indexed value at `key.path` equals `key.value` (at most
+    /// [`MAX_FIND_RESULTS`]); the path must be one the caller may see. Under an opt-out purpose,
+    /// subjects who objected are never returned.
+    pub async fn find(
+        &self,
+        access: &Access,
+        key: &LookupKey,
+        draft: &mut Draft,
+    ) -> Result<Vec<Uuid>, DomainError> {
+        access.readable(&[key.path])?;
+        draft.event.detail = format!("lookup={}", key.path.as_str());
         let (_, digest) = self
             .keyring
             .blind_index(key.path.as_str(), &index_key(key.path, &key.value));
-        Ok(self
+        let mut ids = self
             .store
             .find(key.path.as_str(), &digest, MAX_FIND_RESULTS)
-            .await?)
+            .await?;
+        if access.objectable() {
+            let objected = self.store.objected_among(&access.purpose, &ids).await?;
+            ids.retain(|id| !objected.contains(id));
+        }
+        for id in &ids {
+            draft.subject(*id);
+        }
+        Ok(ids)
     }
 
-    /// Applies `changes` (set or clear per leaf) and returns the whole subject afterwards.
+    /// Applies `changes` (set or clear per leaf, every path inside the caller's write grant) and
+    /// returns what the caller may see of the subject afterwards.
     pub async fn update(
         &self,
-        caller: &Caller,
+        access: &Access,
         id: Uuid,
         changes: FieldChanges,
         expected_version: Option<u64>,
         source: Option<String>,
-    ) -> Result<SubjectView, DomainError> {
-        let source = source.unwrap_or_else(|| caller.name.clone());
+        draft: &mut Draft,
+    ) -> Result<Shown, DomainError> {
+        access.check_write(changes.keys().copied())?;
+        access.require_reason_for_values()?;
+        draft.subject(id);
+        let source = source.unwrap_or_else(|| access.caller.name.clone());
         let deadline = std::time::Instant::now() + UPDATE_RETRY_WINDOW;
         let mut attempts = 0u32;
         loop {
@@ -186,6 +305,9 @@ impl Vault {
                 .open(&cipher, POSTAL_DEPENDENCIES)
                 .map_err(|e| data_loss(id, e))?;
             normalise_postal_codes(&mut changes, &stored)?;
+            // Normalising may rewrite a postal code the caller did not send (its country changed):
+            // that is still a write of the caller, so it must be inside the grant too.
+            access.check_write(changes.keys().copied())?;
 
             let now = now_us();
             let mut replace_index_paths = Vec::new();
@@ -210,21 +332,38 @@ impl Vault {
                 replace_index_paths,
                 add_index,
             };
-            match self.store.write(op).await {
+            // The committed event lists what this attempt writes and what the answer shows.
+            let mut attempt = draft.clone();
+            attempt.written(PathSet::from_paths(changes.keys().copied()));
+            // Leaves that do not open are left out of the answer (and logged); a read reports
+            // them as DATA_LOSS. The write does not depend on them.
+            let fields = record.open_readable(&cipher, FieldPath::ALL, |path| {
+                tracing::error!(subject = %id, path, "stored data failed authentication");
+            });
+            let view = SubjectView {
+                id,
+                version: row.version + 1,
+                created_at_us: row.created_at,
+                updated_at_us: now,
+                fields,
+            };
+            let shown = self.show(access, view, access.readable(&[])?, &mut attempt);
+            let withheld = record
+                .paths()
+                .difference(access.grant.read)
+                .difference(access.grant.masked);
+            attempt.withheld(withheld);
+            match self
+                .store
+                .write_audited(op, attempt.committed_record())
+                .await
+            {
                 Ok(WriteOutcome::Updated { version }) => {
-                    // The write is committed: a damaged leaf elsewhere in the record must not make
-                    // it look failed. Leaves that do not open are left out of the answer (and
-                    // logged); a read reports them as DATA_LOSS.
-                    let fields = record.open_readable(&cipher, FieldPath::ALL, |path| {
-                        tracing::error!(subject = %id, path, "stored data failed authentication");
-                    });
-                    return Ok(SubjectView {
-                        id,
-                        version,
-                        created_at_us: row.created_at,
-                        updated_at_us: now,
-                        fields,
-                    });
+                    attempt.committed = true;
+                    *draft = attempt;
+                    let mut shown = Shown { withheld, ..shown };
+                    shown.view.version = version;
+                    return Ok(shown);
                 }
                 Ok(other) => {
                     return Err(DomainError::Internal(format!("update answered {other:?}")));
@@ -248,12 +387,139 @@ impl Vault {
         }
     }
 
-    /// Erases a subject at once: DEK, ciphertexts and index entries in one transaction.
-    pub async fn erase(&self, id: Uuid) -> Result<i64, DomainError> {
+    /// Erases a subject at once: DEK, ciphertexts, index entries and objections in one
+    /// transaction with its audit event. Operators only.
+    pub async fn erase(
+        &self,
+        access: &Access,
+        id: Uuid,
+        draft: &mut Draft,
+    ) -> Result<i64, DomainError> {
+        access.caller.require_operator("EraseSubject")?;
+        draft.subject(id);
+        draft.event.detail = "erased".into();
         let at = now_us();
-        self.store.write(WriteOp::Erase { id, at }).await?;
+        self.store
+            .write_audited(WriteOp::Erase { id, at }, draft.committed_record())
+            .await?;
+        draft.committed = true;
         tracing::info!(subject = %id, "subject erased");
         Ok(at)
+    }
+
+    /// Records the subject's objection against `purpose`. Refused (`FailedPrecondition`, naming
+    /// the legal basis) for a purpose that is not opt-out. Returns whether it is new.
+    pub async fn object(
+        &self,
+        id: Uuid,
+        purpose: &str,
+        route: ObjectionRoute,
+        draft: &mut Draft,
+    ) -> Result<(bool, i64), DomainError> {
+        draft.subject(id);
+        draft.event.detail = format!("objection={purpose} route={}", route.as_str());
+        let target = self.objectable_purpose(purpose)?;
+        let at = now_us();
+        let op = WriteOp::Object {
+            id,
+            purpose: target,
+            route: route.as_str().to_owned(),
+            at,
+        };
+        match self
+            .store
+            .write_audited(op, draft.committed_record())
+            .await?
+        {
+            WriteOutcome::Objected { new } => {
+                draft.committed = true;
+                Ok((new, at))
+            }
+            other => Err(DomainError::Internal(format!(
+                "objection answered {other:?}"
+            ))),
+        }
+    }
+
+    /// Withdraws the subject's objection against `purpose`; returns whether there was one.
+    pub async fn withdraw_objection(
+        &self,
+        id: Uuid,
+        purpose: &str,
+        route: ObjectionRoute,
+        draft: &mut Draft,
+    ) -> Result<bool, DomainError> {
+        draft.subject(id);
+        draft.event.detail = format!("withdraw-objection={purpose} route={}", route.as_str());
+        let target = self.objectable_purpose(purpose)?;
+        let op = WriteOp::WithdrawObjection {
+            id,
+            purpose: target,
+        };
+        match self
+            .store
+            .write_audited(op, draft.committed_record())
+            .await?
+        {
+            WriteOutcome::Withdrawn { existed } => {
+                draft.committed = true;
+                Ok(existed)
+            }
+            other => Err(DomainError::Internal(format!(
+                "withdrawal answered {other:?}"
+            ))),
+        }
+    }
+
+    /// The purpose an objection names, if the policy lets a subject object to it.
+    fn objectable_purpose(&self, purpose: &str) -> Result<String, DomainError> {
+        let def = self
+            .policy
+            .purpose(purpose)
+            .ok_or_else(|| DomainError::invalid("purpose", "unknown purpose"))?;
+        match def.objection {
+            Objection::OptOut => Ok(def.name.clone()),
+            Objection::NotObjectable | Objection::ConsentBased => {
+                Err(DomainError::FailedPrecondition(format!(
+                    "purpose {} rests on {}: no objection is possible against it{}",
+                    def.name,
+                    def.legal_basis.as_str(),
+                    if matches!(def.objection, Objection::ConsentBased) {
+                        " (it is consent-based: withdraw consent instead)"
+                    } else {
+                        ""
+                    }
+                )))
+            }
+        }
+    }
+
+    /// Splits a view for the caller: readable leaves stay, masked ones move apart masked.
+    fn show(
+        &self,
+        access: &Access,
+        mut view: SubjectView,
+        wanted: PathSet,
+        draft: &mut Draft,
+    ) -> Shown {
+        let stored = PathSet::from_paths(view.fields.keys().copied());
+        let vis = access.visibility(stored, wanted);
+        let mut masked = Vec::new();
+        let fields = std::mem::take(&mut view.fields);
+        for (path, field) in fields {
+            if vis.read.contains(path) {
+                view.fields.insert(path, field);
+            } else if vis.masked.contains(path) {
+                masked.push((path, mask_value(path, &field.value)));
+            }
+        }
+        draft.read(vis.read);
+        draft.masked(vis.masked);
+        Shown {
+            view,
+            masked,
+            withheld: vis.withheld,
+        }
     }
 
     fn cipher(&self, row: &SubjectRow) -> Result<FieldCipher, DomainError> {
@@ -275,10 +541,11 @@ impl Vault {
         Ok(FieldCipher::new(&dek, row.id, row.dek_id)?)
     }
 
-    fn open_row(&self, row: &SubjectRow, paths: &[FieldPath]) -> Result<SubjectView, DomainError> {
+    fn open_row(&self, row: &SubjectRow, paths: PathSet) -> Result<SubjectView, DomainError> {
         let cipher = self.cipher(row)?;
+        let paths: Vec<FieldPath> = paths.iter().collect();
         let fields = SealedRecord::decode_blob(&row.record)
-            .and_then(|record| record.open(&cipher, paths))
+            .and_then(|record| record.open(&cipher, &paths))
             .map_err(|e| data_loss(row.id, e))?;
         Ok(SubjectView {
             id: row.id,
@@ -300,6 +567,25 @@ impl Vault {
             key_version,
             digest,
         })
+    }
+}
+
+/// The refusal of a read under a purpose the subject objected to.
+fn objected_error(purpose: &str) -> DomainError {
+    DomainError::FailedPrecondition(format!("the subject objected to purpose {purpose}"))
+}
+
+fn objected(purpose: &str) -> DomainError {
+    objected_error(purpose)
+}
+
+/// A masked value: text through the policy's masks, other leaves as a marker only.
+fn mask_value(path: FieldPath, value: &FieldValue) -> String {
+    match value {
+        FieldValue::Text(text) => mask_text(path, text),
+        FieldValue::Enum(_) => "***".to_owned(),
+        FieldValue::IpAddresses(list) => format!("*** ({} entries)", list.len()),
+        FieldValue::Activity(list) => format!("*** ({} entries)", list.len()),
     }
 }
 

@@ -4,10 +4,15 @@
 //! Reads go straight to the pool; subject writes go through the group committer ([`writer`]), which
 //! drains concurrent requests into one transaction per batch.
 
+mod audit;
 mod reader;
 mod writer;
 
-use std::{str::FromStr, sync::Arc, time::Duration};
+use std::{
+    str::FromStr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use sqlx::{
     Pool, Postgres, Sqlite,
@@ -16,6 +21,7 @@ use sqlx::{
 };
 use uuid::Uuid;
 
+pub use audit::{AuditFilter, AuditRecord, ChainLinker, StoredAuditEvent};
 pub use writer::{WriteOp, WriteOutcome};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -231,6 +237,8 @@ pub struct Store {
     write_backend: Backend,
     writer: Arc<writer::GroupCommitter>,
     reader: Arc<reader::ReadCoalescer>,
+    /// Links audit events into the chain; set once the keyring is open.
+    linker: Arc<OnceLock<Arc<dyn ChainLinker>>>,
 }
 
 /// How an opened store is configured, for diagnostics and tests.
@@ -296,8 +304,13 @@ impl Store {
                 "expected sqlite://… or postgres://…".into(),
             ));
         };
+        let linker = Arc::new(OnceLock::new());
         let store = Self {
-            writer: Arc::new(writer::GroupCommitter::start(write_backend.clone())),
+            writer: Arc::new(writer::GroupCommitter::start(
+                write_backend.clone(),
+                linker.clone(),
+            )),
+            linker,
             reader: Arc::new(reader::ReadCoalescer::start(backend.clone())),
             backend,
             write_backend,
@@ -452,7 +465,27 @@ impl Store {
 
     /// Queues a subject write for the group committer and waits until it is durable (or refused).
     pub async fn write(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
-        self.writer.submit(op).await
+        self.writer.submit(Some(op), None).await
+    }
+
+    /// Queues a subject write with the audit event that records it: both commit in one
+    /// transaction, or neither does. The event is appended only if the op applied.
+    pub async fn write_audited(
+        &self,
+        op: WriteOp,
+        event: AuditRecord,
+    ) -> Result<WriteOutcome, StoreError> {
+        self.writer.submit(Some(op), Some(event)).await
+    }
+
+    /// Appends an audit event and waits until it is durable.
+    pub async fn record(&self, event: AuditRecord) -> Result<(), StoreError> {
+        self.writer.submit(None, Some(event)).await.map(|_| ())
+    }
+
+    /// Sets the function that links audit events into the chain (once, after the keyring opened).
+    pub fn set_chain_linker(&self, linker: Arc<dyn ChainLinker>) {
+        let _ = self.linker.set(linker);
     }
 
     // ---- callers ----------------------------------------------------------------------------

@@ -4,11 +4,19 @@
 //! Creates in a batch go in as one multi-row INSERT per table; if that statement fails (a duplicate
 //! username), the batch falls back to one SAVEPOINT per request so a failing request never fails
 //! its neighbours. Every request is answered only after its transaction has committed.
+//!
+//! Audit events ride along: an op's event is appended in the transaction that applies the op (and
+//! only if it applied), an event without an op (a read, a refusal) in the next batch. The batch
+//! links its events to the chain head it reads (and, on PostgreSQL, locks) at its end, so the
+//! events of every instance form one linear chain and reads wait for one shared commit, not for
+//! each other.
 
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{Backend, IndexEntry, StoreError, SubjectRow, on_pool};
+use std::sync::{Arc, OnceLock};
+
+use super::{AuditRecord, Backend, ChainLinker, IndexEntry, StoreError, SubjectRow, on_pool};
 
 /// Largest number of requests committed in one transaction.
 const MAX_BATCH: usize = 256;
@@ -36,34 +44,81 @@ pub enum WriteOp {
         id: Uuid,
         at: i64,
     },
+    /// Records the subject's objection against an opt-out purpose (kept as first recorded).
+    Object {
+        id: Uuid,
+        purpose: String,
+        route: String,
+        at: i64,
+    },
+    /// Withdraws an objection, if there is one.
+    WithdrawObjection {
+        id: Uuid,
+        purpose: String,
+    },
+    /// A new caller and its token hash.
+    InsertCaller(super::CallerRow),
+    /// Sets a caller's `revoked_at` once.
+    RevokeCaller {
+        id: String,
+        at: i64,
+    },
 }
 
 /// What a committed write did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOutcome {
     Created,
-    Updated { version: u64 },
+    Updated {
+        version: u64,
+    },
     Erased,
+    /// An objection was recorded (`false`: it already was).
+    Objected {
+        new: bool,
+    },
+    /// An objection was withdrawn (`false`: there was none).
+    Withdrawn {
+        existed: bool,
+    },
+    CallerInserted,
+    /// `false`: no such caller; revoking a revoked caller keeps its first time.
+    CallerRevoked {
+        found: bool,
+    },
+    /// An audit event without an op was appended.
+    Recorded,
 }
 
 type Reply = oneshot::Sender<Result<WriteOutcome, StoreError>>;
 
+/// One request to the writer: an op, its audit event, or both.
+struct Job {
+    op: Option<WriteOp>,
+    audit: Option<AuditRecord>,
+    reply: Reply,
+}
+
 pub(super) struct GroupCommitter {
-    tx: Mutex<Option<mpsc::Sender<(WriteOp, Reply)>>>,
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl GroupCommitter {
-    pub(super) fn start(backend: Backend) -> Self {
+    pub(super) fn start(backend: Backend, linker: Arc<OnceLock<Arc<dyn ChainLinker>>>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(run(backend, rx));
+        let task = tokio::spawn(run(backend, linker, rx));
         Self {
             tx: Mutex::new(Some(tx)),
             task: Mutex::new(Some(task)),
         }
     }
 
-    pub(super) async fn submit(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
+    pub(super) async fn submit(
+        &self,
+        op: Option<WriteOp>,
+        audit: Option<AuditRecord>,
+    ) -> Result<WriteOutcome, StoreError> {
         let sender = self
             .tx
             .lock()
@@ -72,7 +127,7 @@ impl GroupCommitter {
             .ok_or_else(|| StoreError::Unavailable("store is shutting down".into()))?;
         let (reply, answer) = oneshot::channel();
         sender
-            .send((op, reply))
+            .send(Job { op, audit, reply })
             .await
             .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
         answer
@@ -180,6 +235,18 @@ macro_rules! delete_index_entry {
             .execute(&mut *$conn)
             .await
             .map(|_| ())
+    };
+}
+
+/// `NotFound` unless the subject (by id bytes) exists.
+macro_rules! require_subject {
+    ($conn:expr, $idb:expr) => {
+        sqlx::query_scalar::<_, i64>("SELECT 1 FROM subjects WHERE id = $1")
+            .bind($idb.clone())
+            .fetch_optional(&mut *$conn)
+            .await
+            .map_err(StoreError::from)
+            .and_then(|found| found.map(|_| ()).ok_or(StoreError::NotFound))
     };
 }
 
@@ -307,11 +374,66 @@ macro_rules! apply_one {
                         delete_index_entry!($conn, &old, &idb)?;
                     }
                     sqlx::query("INSERT INTO erased_subjects (id, erased_at) VALUES ($1, $2)")
-                        .bind(idb)
+                        .bind(idb.clone())
                         .bind(*at)
                         .execute(&mut *$conn)
                         .await?;
+                    sqlx::query("DELETE FROM objections WHERE subject_id = $1")
+                        .bind(idb)
+                        .execute(&mut *$conn)
+                        .await?;
                     Ok(WriteOutcome::Erased)
+                }
+                WriteOp::Object { id, purpose, route, at } => {
+                    let idb = id.as_bytes().to_vec();
+                    require_subject!($conn, idb)?;
+                    let done = sqlx::query(
+                        "INSERT INTO objections (subject_id, purpose, route, created_at) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (subject_id, purpose) DO NOTHING",
+                    )
+                    .bind(idb)
+                    .bind(purpose.clone())
+                    .bind(route.clone())
+                    .bind(*at)
+                    .execute(&mut *$conn)
+                    .await?;
+                    Ok(WriteOutcome::Objected { new: done.rows_affected() == 1 })
+                }
+                WriteOp::WithdrawObjection { id, purpose } => {
+                    let idb = id.as_bytes().to_vec();
+                    require_subject!($conn, idb)?;
+                    let done = sqlx::query("DELETE FROM objections WHERE subject_id = $1 AND purpose = $2")
+                        .bind(idb)
+                        .bind(purpose.clone())
+                        .execute(&mut *$conn)
+                        .await?;
+                    Ok(WriteOutcome::Withdrawn { existed: done.rows_affected() == 1 })
+                }
+                WriteOp::InsertCaller(row) => {
+                    sqlx::query(
+                        "INSERT INTO callers (id, name, role, secret_hash, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(row.id.clone())
+                    .bind(row.name.clone())
+                    .bind(row.role.clone())
+                    .bind(row.secret_hash.clone())
+                    .bind(row.created_at)
+                    .bind(row.revoked_at)
+                    .execute(&mut *$conn)
+                    .await?;
+                    Ok(WriteOutcome::CallerInserted)
+                }
+                WriteOp::RevokeCaller { id, at } => {
+                    sqlx::query("UPDATE callers SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                        .bind(*at)
+                        .bind(id.clone())
+                        .execute(&mut *$conn)
+                        .await?;
+                    let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM callers WHERE id = $1")
+                        .bind(id.clone())
+                        .fetch_optional(&mut *$conn)
+                        .await?;
+                    Ok(WriteOutcome::CallerRevoked { found: found.is_some() })
                 }
             }
         }
@@ -319,11 +441,20 @@ macro_rules! apply_one {
     }};
 }
 
-async fn run(backend: Backend, mut rx: mpsc::Receiver<(WriteOp, Reply)>) {
-    let mut batch: Vec<(WriteOp, Reply)> = Vec::with_capacity(MAX_BATCH);
+async fn run(
+    backend: Backend,
+    linker: Arc<OnceLock<Arc<dyn ChainLinker>>>,
+    mut rx: mpsc::Receiver<Job>,
+) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (ops, replies): (Vec<WriteOp>, Vec<Reply>) = batch.drain(..).unzip();
-        let results = commit_batch(&backend, &ops).await;
+        let mut jobs = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for job in batch.drain(..) {
+            jobs.push((job.op, job.audit));
+            replies.push(job.reply);
+        }
+        let results = commit_batch(&backend, linker.get().map(|l| &**l), &jobs).await;
         for (reply, result) in replies.into_iter().zip(results) {
             // A submitter that went away (cancelled request) no longer needs its answer; the write
             // is committed all the same, as it would be had the answer been lost on the wire.
@@ -332,21 +463,27 @@ async fn run(backend: Backend, mut rx: mpsc::Receiver<(WriteOp, Reply)>) {
     }
 }
 
-/// Commits `ops` in one transaction; one result per op, in order.
-async fn commit_batch(backend: &Backend, ops: &[WriteOp]) -> Vec<Result<WriteOutcome, StoreError>> {
+type Jobs = [(Option<WriteOp>, Option<AuditRecord>)];
+
+/// Commits `jobs` in one transaction; one result per job, in order.
+async fn commit_batch(
+    backend: &Backend,
+    linker: Option<&dyn ChainLinker>,
+    jobs: &Jobs,
+) -> Vec<Result<WriteOutcome, StoreError>> {
     let started = std::time::Instant::now();
-    match try_commit_batch(backend, ops).await {
+    match try_commit_batch(backend, linker, jobs).await {
         Ok(results) => {
             tracing::trace!(
-                batch = ops.len(),
+                batch = jobs.len(),
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "batch committed"
             );
             results
         }
         Err(e) => {
-            tracing::error!(error = %e, batch = ops.len(), "group commit failed; batch refused");
-            ops.iter()
+            tracing::error!(error = %e, batch = jobs.len(), "group commit failed; batch refused");
+            jobs.iter()
                 .map(|_| Err(StoreError::Unavailable(format!("commit failed: {e}"))))
                 .collect()
         }
@@ -355,25 +492,35 @@ async fn commit_batch(backend: &Backend, ops: &[WriteOp]) -> Vec<Result<WriteOut
 
 async fn try_commit_batch(
     backend: &Backend,
-    ops: &[WriteOp],
+    linker: Option<&dyn ChainLinker>,
+    jobs: &Jobs,
 ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
+    let head_sql = match backend {
+        Backend::Sqlite(_) => "SELECT seq, mac FROM audit_head WHERE id = 1",
+        // The row lock is the chain's one ordering point across instances; held from here to commit.
+        Backend::Postgres(_) => "SELECT seq, mac FROM audit_head WHERE id = 1 FOR UPDATE",
+    };
+    let ops: Vec<Option<&WriteOp>> = jobs.iter().map(|(op, _)| op.as_ref()).collect();
     on_pool!(backend, pool => {
         let mut tx = pool.begin().await?;
-        let mut results: Vec<Option<Result<WriteOutcome, StoreError>>> = ops.iter().map(|_| None).collect();
+        let mut results: Vec<Option<Result<WriteOutcome, StoreError>>> = ops
+            .iter()
+            .map(|op| if op.is_none() { Some(Ok(WriteOutcome::Recorded)) } else { None })
+            .collect();
 
         // Fast path: every create of the batch in one statement per table.
         let creates: Vec<usize> = ops
             .iter()
             .enumerate()
-            .filter_map(|(i, op)| matches!(op, WriteOp::Create { .. }).then_some(i))
+            .filter_map(|(i, op)| matches!(op, Some(WriteOp::Create { .. })).then_some(i))
             .collect();
         let mut creates_done = false;
         if creates.len() > 1 {
             sqlx::query("SAVEPOINT bulk").execute(&mut *tx).await?;
             let rows: Vec<(&SubjectRow, &[IndexEntry])> = creates
                 .iter()
-                .filter_map(|&i| match &ops[i] {
-                    WriteOp::Create { row, index } => Some((row, index.as_slice())),
+                .filter_map(|&i| match ops[i] {
+                    Some(WriteOp::Create { row, index }) => Some((row, index.as_slice())),
                     _ => None,
                 })
                 .collect();
@@ -393,6 +540,7 @@ async fn try_commit_batch(
         }
 
         for (i, op) in ops.iter().enumerate() {
+            let Some(op) = op else { continue };
             if creates_done && matches!(op, WriteOp::Create { .. }) {
                 continue;
             }
@@ -409,6 +557,61 @@ async fn try_commit_batch(
                     results[i] = Some(Err(e));
                 }
             }
+        }
+        // The events of the jobs that applied (and of those without an op), in job order.
+        let events: Vec<&AuditRecord> = jobs
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| matches!(r, Some(Ok(_))))
+            .filter_map(|((_, audit), _)| audit.as_ref())
+            .collect();
+        if !events.is_empty() {
+            let linker = linker.ok_or_else(|| StoreError::Unavailable("audit chain key not loaded".into()))?;
+            let (head_seq, head_mac): (i64, Vec<u8>) = sqlx::query_as(head_sql).fetch_one(&mut *tx).await?;
+            let mut prev: [u8; 32] = head_mac
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("audit_head.mac".into()))?;
+            let mut linked = Vec::with_capacity(events.len());
+            for (n, event) in events.iter().enumerate() {
+                let seq = head_seq + 1 + n as i64;
+                let mac = linker.link(seq, &prev, &event.body);
+                linked.push((seq, *event, mac));
+                prev = mac;
+            }
+            for chunk in linked.chunks(256) {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO audit_events (seq, at_us, caller, purpose, method, outcome, body, mac) ",
+                );
+                q.push_values(chunk.iter(), |mut b, (seq, e, mac)| {
+                    b.push_bind(*seq)
+                        .push_bind(e.at_us)
+                        .push_bind(e.caller.clone())
+                        .push_bind(e.purpose.clone())
+                        .push_bind(e.method.clone())
+                        .push_bind(e.outcome.clone())
+                        .push_bind(e.body.clone())
+                        .push_bind(mac.to_vec());
+                });
+                q.build().execute(&mut *tx).await?;
+            }
+            let named: Vec<(i64, &Uuid)> = linked
+                .iter()
+                .flat_map(|(seq, e, _)| e.subjects.iter().map(move |s| (*seq, s)))
+                .collect();
+            for chunk in named.chunks(1000) {
+                let mut q = sqlx::QueryBuilder::new("INSERT INTO audit_subjects (subject_id, seq) ");
+                q.push_values(chunk.iter(), |mut b, (seq, id)| {
+                    b.push_bind(id.as_bytes().to_vec()).push_bind(*seq);
+                });
+                // An event naming one subject twice (a batch read asking twice) indexes it once.
+                q.push(" ON CONFLICT DO NOTHING");
+                q.build().execute(&mut *tx).await?;
+            }
+            sqlx::query("UPDATE audit_head SET seq = $1, mac = $2 WHERE id = 1")
+                .bind(head_seq + linked.len() as i64)
+                .bind(prev.to_vec())
+                .execute(&mut *tx)
+                .await?;
         }
         let commit_started = std::time::Instant::now();
         tx.commit().await?;

@@ -58,7 +58,7 @@ async fn token_create_works_offline_and_the_token_is_accepted_by_the_server() {
 
     // The database already has a caller, so the first start creates no operator token file.
     let app = spawn_on_without_operator(db.clone()).await;
-    let mut client = app.subjects_as(Some(&token));
+    let mut client = app.subjects_under(Some(&token), Some("account"), None);
     let err = client
         .get_subject(pb::GetSubjectRequest {
             id: uuid::Uuid::new_v4().to_string(),

@@ -14,8 +14,8 @@ use std::{
 use kluis::{
     Application, ServeArgs,
     api::pb::{
-        self, admin_service_client::AdminServiceClient,
-        subject_service_client::SubjectServiceClient,
+        self, admin_service_client::AdminServiceClient, audit_service_client::AuditServiceClient,
+        consent_service_client::ConsentServiceClient, subject_service_client::SubjectServiceClient,
     },
 };
 use sqlx::{Connection, Executor};
@@ -245,21 +245,38 @@ impl Raw {
 
 // ---- servers and clients ----------------------------------------------------------------------
 
-/// Adds `authorization: Bearer <token>` to every call (none when the token is `None`).
+/// Adds `authorization: Bearer <token>`, `x-kluis-purpose` and `x-kluis-reason` to every call
+/// (each left out when `None`).
 #[derive(Clone)]
-pub struct Bearer(Option<AsciiMetadataValue>);
+pub struct Bearer {
+    token: Option<AsciiMetadataValue>,
+    purpose: Option<AsciiMetadataValue>,
+    reason: Option<AsciiMetadataValue>,
+}
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
+        if let Some(v) = &self.token {
             request.metadata_mut().insert("authorization", v.clone());
+        }
+        if let Some(v) = &self.purpose {
+            request.metadata_mut().insert("x-kluis-purpose", v.clone());
+        }
+        if let Some(v) = &self.reason {
+            request.metadata_mut().insert("x-kluis-reason", v.clone());
         }
         Ok(request)
     }
 }
 
+/// The purpose and reason operators' test clients declare unless told otherwise.
+pub const OPERATOR_PURPOSE: &str = "subject-request";
+pub const OPERATOR_REASON: &str = "TEST-1";
+
 pub type Subjects = SubjectServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Consent = ConsentServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Audit = AuditServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A running kluis on 127.0.0.1:0 with its operator token.
 pub struct TestApp {
@@ -267,6 +284,7 @@ pub struct TestApp {
     pub operator_token: String,
     pub db: Arc<TestDb>,
     pub store: kluis::store::Store,
+    pub trail: Arc<kluis::audit::AuditTrail>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), kluis::StartupError>>>,
     channel: Channel,
@@ -286,10 +304,18 @@ pub fn serve_args(db: &TestDb) -> ServeArgs {
 
 /// Starts a server on an existing test database (a restart, or a second instance).
 pub async fn spawn_on(db: Arc<TestDb>) -> TestApp {
+    spawn_with(db, |_| {}).await
+}
+
+/// Starts a server on `db` with settings changed by `configure`.
+pub async fn spawn_with(db: Arc<TestDb>, configure: impl FnOnce(&mut ServeArgs)) -> TestApp {
     init_logs();
-    let app = Application::build(&serve_args(&db)).await.unwrap();
+    let mut args = serve_args(&db);
+    configure(&mut args);
+    let app = Application::build(&args).await.unwrap();
     let addr = app.local_addr();
     let store = app.store().clone();
+    let trail = app.audit_trail().clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until(async {
         let _ = rx.await;
@@ -308,6 +334,7 @@ pub async fn spawn_on(db: Arc<TestDb>) -> TestApp {
         operator_token,
         db,
         store,
+        trail,
         shutdown: Some(tx),
         task: Some(task),
         channel,
@@ -315,18 +342,51 @@ pub async fn spawn_on(db: Arc<TestDb>) -> TestApp {
 }
 
 impl TestApp {
-    fn bearer(token: Option<&str>) -> Bearer {
-        Bearer(token.map(|t| MetadataValue::try_from(format!("Bearer {t}")).unwrap()))
+    pub fn bearer(token: Option<&str>, purpose: Option<&str>, reason: Option<&str>) -> Bearer {
+        Bearer {
+            token: token.map(|t| MetadataValue::try_from(format!("Bearer {t}")).unwrap()),
+            purpose: purpose.map(|p| MetadataValue::try_from(p).unwrap()),
+            reason: reason.map(|r| MetadataValue::try_from(r).unwrap()),
+        }
     }
 
-    /// SubjectService as the first operator.
+    /// SubjectService as the first operator, under `subject-request` with a reason.
     pub fn subjects(&self) -> Subjects {
         self.subjects_as(Some(&self.operator_token.clone()))
     }
 
+    /// SubjectService with `token`, under `subject-request` with a reason (an operator's call).
     pub fn subjects_as(&self, token: Option<&str>) -> Subjects {
-        SubjectServiceClient::with_interceptor(self.channel.clone(), Self::bearer(token))
-            .max_encoding_message_size(64 * 1024 * 1024)
+        self.subjects_under(token, Some(OPERATOR_PURPOSE), Some(OPERATOR_REASON))
+    }
+
+    /// SubjectService with `token`, declaring `purpose` and `reason` (each left out when `None`).
+    pub fn subjects_under(
+        &self,
+        token: Option<&str>,
+        purpose: Option<&str>,
+        reason: Option<&str>,
+    ) -> Subjects {
+        SubjectServiceClient::with_interceptor(
+            self.channel.clone(),
+            Self::bearer(token, purpose, reason),
+        )
+        .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    pub fn consent_under(&self, token: &str, purpose: &str) -> Consent {
+        ConsentServiceClient::with_interceptor(
+            self.channel.clone(),
+            Self::bearer(Some(token), Some(purpose), None),
+        )
+    }
+
+    /// AuditService as the first operator.
+    pub fn audit(&self) -> Audit {
+        AuditServiceClient::with_interceptor(
+            self.channel.clone(),
+            Self::bearer(Some(&self.operator_token), None, None),
+        )
     }
 
     pub fn admin(&self) -> Admin {
@@ -334,7 +394,27 @@ impl TestApp {
     }
 
     pub fn admin_as(&self, token: Option<&str>) -> Admin {
-        AdminServiceClient::with_interceptor(self.channel.clone(), Self::bearer(token))
+        AdminServiceClient::with_interceptor(self.channel.clone(), Self::bearer(token, None, None))
+    }
+
+    /// Every audit event, oldest first (as the operator; the queries add events of their own).
+    pub async fn audit_events(&self, filter: pb::QueryAuditLogRequest) -> Vec<pb::AuditEvent> {
+        let mut out = Vec::new();
+        let mut request = filter;
+        request.page_size = 1000;
+        loop {
+            let page = self
+                .audit()
+                .query_audit_log(request.clone())
+                .await
+                .unwrap()
+                .into_inner();
+            out.extend(page.events);
+            if page.next_page_token.is_empty() {
+                return out;
+            }
+            request.page_token = page.next_page_token;
+        }
     }
 
     /// A new caller of `role`; returns its token.

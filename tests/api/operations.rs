@@ -54,7 +54,7 @@ async fn two_servers_on_one_database_read_each_others_subjects() {
     assert_eq!(a.get(&from_b.id).await.unwrap().name, from_b.name);
     // A token made on one instance works on the other.
     let token = b.token_for("billing-svc", "billing").await;
-    a.subjects_as(Some(&token))
+    a.subjects_under(Some(&token), Some("account"), None)
         .get_subject(pb::GetSubjectRequest {
             id: from_b.id.clone(),
             read_mask: None,

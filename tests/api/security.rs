@@ -173,7 +173,7 @@ async fn a_revoked_token_fails_on_another_instance_within_two_seconds() {
     let token = a.token_for("billing-svc", "billing").await;
     let created = a.create(full_subject(&tag())).await;
     let read = |app: &TestApp| {
-        let mut client = app.subjects_as(Some(&token));
+        let mut client = app.subjects_under(Some(&token), Some("account"), None);
         let id = created.id.clone();
         async move {
             client

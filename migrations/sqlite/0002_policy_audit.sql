@@ -1,0 +1,49 @@
+-- Purpose-bound access and the audit trail (SQLite). Never edit once landed.
+-- Times are integer microseconds since the Unix epoch; subject ids are 16-byte UUIDs.
+
+-- A subject's objection against an opt-out purpose (the rights issue adds history and consent).
+CREATE TABLE objections (
+    subject_id BLOB    NOT NULL,
+    purpose    TEXT    NOT NULL,
+    route      TEXT    NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (subject_id, purpose)
+) WITHOUT ROWID;
+CREATE INDEX objections_by_purpose ON objections (purpose, subject_id);
+
+-- The audit trail: one row per event, appended in `seq` order. `body` holds the exact bytes the
+-- keyed chain covers (`mac` = HMAC over the previous mac, seq and body); the other columns copy
+-- fields of the body for queries and are checked against it on verification.
+CREATE TABLE audit_events (
+    seq     INTEGER PRIMARY KEY,
+    at_us   INTEGER NOT NULL,
+    caller  TEXT    NOT NULL,
+    purpose TEXT    NOT NULL,
+    method  TEXT    NOT NULL,
+    outcome TEXT    NOT NULL,
+    body    BLOB    NOT NULL,
+    mac     BLOB    NOT NULL
+);
+CREATE INDEX audit_events_at ON audit_events (at_us);
+
+-- Which events name a subject (an event may name several: batch reads, finds).
+CREATE TABLE audit_subjects (
+    subject_id BLOB    NOT NULL,
+    seq        INTEGER NOT NULL,
+    PRIMARY KEY (subject_id, seq)
+) WITHOUT ROWID;
+
+-- The single ordering point of the chain: every batch of events reads and advances this row in
+-- the transaction that appends them, so instances sharing a database keep one linear chain.
+CREATE TABLE audit_head (
+    id  INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    mac BLOB    NOT NULL
+);
+INSERT INTO audit_head (id, seq, mac) VALUES (1, 0, zeroblob(32));
+
+-- Signed checkpoints of the chain head (also appended to a file outside the database).
+CREATE TABLE audit_checkpoints (
+    seq        INTEGER PRIMARY KEY,
+    checkpoint TEXT    NOT NULL
+);

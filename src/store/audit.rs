@@ -1,0 +1,254 @@
+//! Audit-trail and objection rows: the event type the writer appends, reading the chain back in
+//! order for verification and queries, checkpoints, pruning, and objections. The chain's links are
+//! computed above the store ([`ChainLinker`]); the store only keeps the order.
+
+use std::collections::{HashMap, HashSet};
+
+use uuid::Uuid;
+
+use super::{Store, StoreError, on_pool, uuid_from};
+
+/// An audit event ready to append: the exact bytes the chain covers, and the columns queries use.
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    pub at_us: i64,
+    pub caller: String,
+    pub purpose: String,
+    pub method: String,
+    pub outcome: String,
+    pub subjects: Vec<Uuid>,
+    pub body: Vec<u8>,
+}
+
+/// Computes an event's link from its position, the previous link and its stored bytes (the keyed
+/// HMAC of the audit module); called by the writer inside the appending transaction.
+pub trait ChainLinker: Send + Sync {
+    fn link(&self, seq: i64, prev: &[u8; 32], body: &[u8]) -> [u8; 32];
+}
+
+/// An event as stored.
+#[derive(Debug, Clone)]
+pub struct StoredAuditEvent {
+    pub seq: i64,
+    pub at_us: i64,
+    pub caller: String,
+    pub purpose: String,
+    pub method: String,
+    pub outcome: String,
+    pub subjects: Vec<Uuid>,
+    pub body: Vec<u8>,
+    pub mac: Vec<u8>,
+}
+
+/// Which events a query wants; empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub subject: Option<Uuid>,
+    pub caller: Option<String>,
+    pub purpose: Option<String>,
+    pub method: Option<String>,
+    pub outcome: Option<String>,
+    pub from_us: Option<i64>,
+    pub to_us: Option<i64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    seq: i64,
+    at_us: i64,
+    caller: String,
+    purpose: String,
+    method: String,
+    outcome: String,
+    body: Vec<u8>,
+    mac: Vec<u8>,
+}
+
+impl Store {
+    /// Events with `seq > after`, in order, at most `limit`, each with the subjects it names.
+    pub async fn audit_page(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredAuditEvent>, StoreError> {
+        self.audit_query(&AuditFilter::default(), after, limit)
+            .await
+    }
+
+    /// Events matching `filter` with `seq > after`, in order, at most `limit`.
+    pub async fn audit_query(
+        &self,
+        filter: &AuditFilter,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredAuditEvent>, StoreError> {
+        let mut sql = String::from(
+            "SELECT e.seq, e.at_us, e.caller, e.purpose, e.method, e.outcome, e.body, e.mac \
+             FROM audit_events e",
+        );
+        let mut n = 1;
+        let mut conds = vec![format!("e.seq > ${n}")];
+        if filter.subject.is_some() {
+            n += 1;
+            sql.push_str(&format!(
+                " JOIN audit_subjects s ON s.seq = e.seq AND s.subject_id = ${n}"
+            ));
+        }
+        let texts = [
+            ("caller", &filter.caller),
+            ("purpose", &filter.purpose),
+            ("method", &filter.method),
+            ("outcome", &filter.outcome),
+        ];
+        for (column, value) in &texts {
+            if value.is_some() {
+                n += 1;
+                conds.push(format!("e.{column} = ${n}"));
+            }
+        }
+        if filter.from_us.is_some() {
+            n += 1;
+            conds.push(format!("e.at_us >= ${n}"));
+        }
+        if filter.to_us.is_some() {
+            n += 1;
+            conds.push(format!("e.at_us < ${n}"));
+        }
+        n += 1;
+        sql.push_str(&format!(
+            " WHERE {} ORDER BY e.seq LIMIT ${n}",
+            conds.join(" AND ")
+        ));
+        let rows: Vec<EventRow> = on_pool!(&self.backend, pool => {
+            let mut q = sqlx::query_as::<_, EventRow>(
+                // Built above from fixed column names and numbered placeholders only.
+                sqlx::AssertSqlSafe(sql.clone()),
+            ).bind(after);
+            if let Some(s) = filter.subject {
+                q = q.bind(s.as_bytes().to_vec());
+            }
+            for (_, value) in &texts {
+                if let Some(v) = value {
+                    q = q.bind(v.clone());
+                }
+            }
+            if let Some(v) = filter.from_us {
+                q = q.bind(v);
+            }
+            if let Some(v) = filter.to_us {
+                q = q.bind(v);
+            }
+            q.bind(i64::from(limit)).fetch_all(pool).await
+        })?;
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            return Ok(Vec::new());
+        };
+        let (lo, hi) = (first.seq, last.seq);
+        let named: Vec<(i64, Vec<u8>)> = on_pool!(&self.backend, pool => sqlx::query_as(
+            "SELECT seq, subject_id FROM audit_subjects WHERE seq >= $1 AND seq <= $2 ORDER BY seq, subject_id")
+            .bind(lo).bind(hi).fetch_all(pool).await)?;
+        let mut subjects: HashMap<i64, Vec<Uuid>> = HashMap::new();
+        for (seq, id) in named {
+            subjects.entry(seq).or_default().push(uuid_from(&id)?);
+        }
+        Ok(rows
+            .into_iter()
+            .map(|r| StoredAuditEvent {
+                subjects: subjects.remove(&r.seq).unwrap_or_default(),
+                seq: r.seq,
+                at_us: r.at_us,
+                caller: r.caller,
+                purpose: r.purpose,
+                method: r.method,
+                outcome: r.outcome,
+                body: r.body,
+                mac: r.mac,
+            })
+            .collect())
+    }
+
+    /// The chain head: the last appended seq and its link.
+    pub async fn audit_head(&self) -> Result<(i64, Vec<u8>), StoreError> {
+        Ok(on_pool!(&self.backend, pool => sqlx::query_as(
+            "SELECT seq, mac FROM audit_head WHERE id = 1").fetch_one(pool).await)?)
+    }
+
+    /// The link of the event at `seq`, if it is stored.
+    pub async fn audit_link(&self, seq: i64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(on_pool!(&self.backend, pool => sqlx::query_scalar(
+            "SELECT mac FROM audit_events WHERE seq = $1").bind(seq).fetch_optional(pool).await)?)
+    }
+
+    /// Stores a signed checkpoint (its JSON form); a second one for the same seq is ignored.
+    pub async fn insert_audit_checkpoint(&self, seq: i64, json: &str) -> Result<(), StoreError> {
+        let json = json.to_owned();
+        on_pool!(&self.write_backend, pool => sqlx::query(
+            "INSERT INTO audit_checkpoints (seq, checkpoint) VALUES ($1, $2) ON CONFLICT (seq) DO NOTHING")
+            .bind(seq).bind(json).execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Every checkpoint stored in the database (JSON), oldest first.
+    pub async fn audit_checkpoints(&self) -> Result<Vec<(i64, String)>, StoreError> {
+        Ok(on_pool!(&self.backend, pool => sqlx::query_as(
+            "SELECT seq, checkpoint FROM audit_checkpoints ORDER BY seq").fetch_all(pool).await)?)
+    }
+
+    /// Deletes the events up to and including `seq` (and their subject index rows); the caller
+    /// makes sure a checkpoint at `seq` anchors what remains. Returns the number deleted.
+    pub async fn prune_audit(&self, seq: i64) -> Result<u64, StoreError> {
+        on_pool!(&self.write_backend, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("DELETE FROM audit_subjects WHERE seq <= $1").bind(seq).execute(&mut *tx).await?;
+            let done = sqlx::query("DELETE FROM audit_events WHERE seq <= $1").bind(seq).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(done.rows_affected())
+        })
+    }
+
+    /// The newest stored event at or before `at_us`, by seq (for pruning by age).
+    pub async fn audit_last_seq_before(&self, at_us: i64) -> Result<Option<i64>, StoreError> {
+        Ok(on_pool!(&self.backend, pool => sqlx::query_scalar(
+            "SELECT MAX(seq) FROM audit_events WHERE at_us < $1").bind(at_us).fetch_one(pool).await)?)
+    }
+
+    // ---- objections -------------------------------------------------------------------------
+
+    /// Whether the subject objected to `purpose`.
+    pub async fn objected(&self, subject: Uuid, purpose: &str) -> Result<bool, StoreError> {
+        let purpose = purpose.to_owned();
+        let found: Option<i64> = on_pool!(&self.backend, pool => sqlx::query_scalar(
+            "SELECT 1 FROM objections WHERE subject_id = $1 AND purpose = $2")
+            .bind(subject.as_bytes().to_vec()).bind(purpose).fetch_optional(pool).await)?;
+        Ok(found.is_some())
+    }
+
+    /// Those of `ids` that objected to `purpose`.
+    pub async fn objected_among(
+        &self,
+        purpose: &str,
+        ids: &[Uuid],
+    ) -> Result<HashSet<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let mut out = HashSet::new();
+        for chunk in ids.chunks(500) {
+            let rows: Vec<Vec<u8>> = on_pool!(&self.backend, pool => {
+                let mut q = sqlx::QueryBuilder::new("SELECT subject_id FROM objections WHERE purpose = ");
+                q.push_bind(purpose.to_owned());
+                q.push(" AND subject_id IN (");
+                let mut sep = q.separated(", ");
+                for id in chunk {
+                    sep.push_bind(id.as_bytes().to_vec());
+                }
+                q.push(")");
+                q.build_query_scalar().fetch_all(pool).await
+            })?;
+            for id in rows {
+                out.insert(uuid_from(&id)?);
+            }
+        }
+        Ok(out)
+    }
+}
