@@ -104,7 +104,9 @@ impl Break {
             | Self::BadCheckpointSignature { seq, .. }
             | Self::CheckpointMismatch { seq, .. } => seq,
             Self::NoAnchor { first_seq } => first_seq,
-            Self::Truncated { last_seq, .. } | Self::HeadMismatch { last_seq, .. } => last_seq,
+            // The first event that is missing.
+            Self::Truncated { last_seq, .. } => last_seq.saturating_add(1),
+            Self::HeadMismatch { last_seq, .. } => last_seq,
         }
     }
 }

@@ -501,8 +501,15 @@ async fn try_commit_batch(
         Backend::Postgres(_) => "SELECT seq, mac FROM audit_head WHERE id = 1 FOR UPDATE",
     };
     let ops: Vec<Option<&WriteOp>> = jobs.iter().map(|(op, _)| op.as_ref()).collect();
+    // SQLite: take the write lock up front. A deferred transaction that reads the chain head
+    // first could not upgrade to a writer after another process (a second instance, the CLI)
+    // committed in between (SQLITE_BUSY_SNAPSHOT, which no busy timeout retries).
+    let begin = match backend {
+        Backend::Sqlite(_) => "BEGIN IMMEDIATE",
+        Backend::Postgres(_) => "BEGIN",
+    };
     on_pool!(backend, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_with(begin).await?;
         let mut results: Vec<Option<Result<WriteOutcome, StoreError>>> = ops
             .iter()
             .map(|op| if op.is_none() { Some(Ok(WriteOutcome::Recorded)) } else { None })

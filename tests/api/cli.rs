@@ -173,3 +173,138 @@ async fn serve_starts_without_configuration_answers_health_and_stops_on_sigterm(
         "health fails once the server is gone"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_check_names_file_line_and_problem_and_explain_reads_like_the_statement() {
+    let db = TestDb::new().await;
+    let good = db.data_dir().join("good.toml");
+    std::fs::write(&good, kluis::policy::DEFAULT_TOML).unwrap();
+    let ok = kluis(&db)
+        .args(["policy", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("valid (policy version 2019-08.1"));
+
+    // A role granting a purpose the file does not define: the error names file and line.
+    let bad_text = kluis::policy::DEFAULT_TOML.replacen(
+        "[roles.marketing-mailer.grants.marketing]",
+        "[roles.marketing-mailer.grants.sales]",
+        1,
+    );
+    assert_ne!(
+        bad_text,
+        kluis::policy::DEFAULT_TOML,
+        "fixture edit applied"
+    );
+    let line = bad_text
+        .lines()
+        .position(|l| l.contains("grants.sales"))
+        .unwrap()
+        + 1;
+    let bad = db.data_dir().join("bad.toml");
+    std::fs::write(&bad, &bad_text).unwrap();
+    let out = kluis(&db)
+        .args(["policy", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:{line}:", bad.display())) && err.contains("sales"),
+        "{err}"
+    );
+
+    // `serve` refuses to start with it, with the same message.
+    let serve = kluis(&db)
+        .args(["serve", "--listen", "127.0.0.1:0", "--policy"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!serve.status.success());
+    assert!(
+        String::from_utf8_lossy(&serve.stderr).contains(&format!("{}:{line}:", bad.display())),
+        "{}",
+        String::from_utf8_lossy(&serve.stderr)
+    );
+
+    for (lang, words) in [
+        (
+            "nl",
+            [
+                "Afhandelen bestelling",
+                "wettelijke verplichting",
+                "Autoriteit Persoonsgegevens",
+            ],
+        ),
+        (
+            "en",
+            [
+                "Afhandelen bestelling",
+                "legal obligation",
+                "Autoriteit Persoonsgegevens",
+            ],
+        ),
+    ] {
+        let out = kluis(&db)
+            .args(["policy", "explain", "--lang", lang])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        for w in words {
+            assert!(text.contains(w), "{lang}: {w} missing");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_offline_reports_intact_and_then_the_position_of_a_cut() {
+    let db = TestDb::new().await;
+    let app = spawn_on(db.clone()).await;
+    for _ in 0..3 {
+        app.create(crate::helpers::full_subject(&crate::helpers::tag()))
+            .await;
+    }
+    let db = app.stop().await; // the last checkpoint is signed on shutdown
+    let ok = kluis(&db).args(["audit", "verify"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(stdout.contains("audit chain intact: 3 events"), "{stdout}");
+    let cp = kluis(&db).args(["audit", "checkpoint"]).output().unwrap();
+    assert!(cp.status.success());
+    assert!(String::from_utf8_lossy(&cp.stdout).contains("\"seq\":3"));
+
+    // The last event deleted with the database checkpoints and the head rolled back: only the
+    // checkpoint file outside the database still knows.
+    let raw = db.raw().await;
+    for sql in [
+        "DELETE FROM audit_events WHERE seq = 3",
+        "DELETE FROM audit_checkpoints",
+        "UPDATE audit_head SET seq = 2, mac = (SELECT mac FROM audit_events WHERE seq = 2)",
+    ] {
+        match &raw {
+            crate::helpers::Raw::Sqlite(p) => {
+                sqlx::query(sql).execute(p).await.unwrap();
+            }
+            crate::helpers::Raw::Pg(p) => {
+                sqlx::query(sql).execute(p).await.unwrap();
+            }
+        }
+    }
+    raw.close().await;
+    let broken = kluis(&db).args(["audit", "verify"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&broken.stdout);
+    assert_eq!(broken.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("BROKEN at seq 3"), "{stdout}");
+}

@@ -430,6 +430,19 @@ impl TestApp {
             .token
     }
 
+    /// The client channel to this server.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// `sql` (a single count) against the test database.
+    pub async fn raw_count(&self, sql: &'static str) -> i64 {
+        let raw = self.db.raw().await;
+        let n = raw.count_all(sql).await;
+        raw.close().await;
+        n
+    }
+
     /// Graceful stop: drains calls and commits queued writes.
     pub async fn stop(mut self) -> Arc<TestDb> {
         if let Some(tx) = self.shutdown.take() {

@@ -2,9 +2,11 @@
 //! own per test. KLUIS_TEST_BACKEND=postgres runs the same suite against PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit;
 mod cli;
 mod helpers;
 mod operations;
+mod policy;
 mod security;
 mod subjects;
 mod validation;
