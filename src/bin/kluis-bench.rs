@@ -89,6 +89,12 @@ struct Cli {
     /// Bearer token for --addr (any role that may create and read subjects).
     #[arg(long, env = "KLUIS_BENCH_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The purpose every call declares (`x-kluis-purpose`); the token's role must be allowed it.
+    #[arg(long, default_value = "subject-request")]
+    purpose: String,
+    /// The reason every call gives (`x-kluis-reason`; operators must give one to read values).
+    #[arg(long, default_value = "BENCH-1")]
+    reason: String,
     /// Database URL for the spawned server (e.g. postgres://…); default: SQLite in its data dir.
     #[arg(long)]
     database_url: Option<String>,
@@ -306,7 +312,7 @@ async fn bench(
         cli.duration
     );
 
-    let conns = connect(&uri, &token, cli.channels).await?;
+    let conns = connect(&uri, &token, &cli.purpose, &cli.reason, cli.channels).await?;
     let counter = Arc::new(AtomicU64::new(0));
     let mut report = Report::default();
 
@@ -406,15 +412,20 @@ async fn bench(
 // Clients
 // ---------------------------------------------------------------------------------------------
 
-/// Adds `authorization: Bearer <token>` to every kluis call.
+/// Adds `authorization: Bearer <token>`, `x-kluis-purpose` and `x-kluis-reason` to every kluis call.
 #[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
+struct Bearer {
+    token: MetadataValue<Ascii>,
+    purpose: MetadataValue<Ascii>,
+    reason: MetadataValue<Ascii>,
+}
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
+        let metadata = request.metadata_mut();
+        metadata.insert("authorization", self.token.clone());
+        metadata.insert("x-kluis-purpose", self.purpose.clone());
+        metadata.insert("x-kluis-reason", self.reason.clone());
         Ok(request)
     }
 }
@@ -428,10 +439,24 @@ struct Conn {
     health: HealthClient<Channel>,
 }
 
-async fn connect(uri: &str, token: &str, channels: usize) -> Result<Vec<Conn>, BoxError> {
-    let bearer: MetadataValue<Ascii> = format!("Bearer {}", token.trim())
-        .parse()
-        .map_err(|_| fail("the token is not valid in a header"))?;
+async fn connect(
+    uri: &str,
+    token: &str,
+    purpose: &str,
+    reason: &str,
+    channels: usize,
+) -> Result<Vec<Conn>, BoxError> {
+    let bearer = Bearer {
+        token: format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| fail("the token is not valid in a header"))?,
+        purpose: purpose
+            .parse()
+            .map_err(|_| fail("--purpose is not valid in a header"))?,
+        reason: reason
+            .parse()
+            .map_err(|_| fail("--reason is not valid in a header"))?,
+    };
     let endpoint = Endpoint::from_shared(uri.to_owned())?
         .connect_timeout(Duration::from_secs(5))
         .timeout(CALL_TIMEOUT)
@@ -444,10 +469,7 @@ async fn connect(uri: &str, token: &str, channels: usize) -> Result<Vec<Conn>, B
             .await
             .map_err(|e| fail(format!("cannot connect to {uri}: {e}")))?;
         conns.push(Conn {
-            subjects: SubjectServiceClient::with_interceptor(
-                channel.clone(),
-                Bearer(bearer.clone()),
-            ),
+            subjects: SubjectServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             health: HealthClient::new(channel),
         });
     }

@@ -217,8 +217,8 @@ impl Store {
     /// Whether the subject objected to `purpose`.
     pub async fn objected(&self, subject: Uuid, purpose: &str) -> Result<bool, StoreError> {
         let purpose = purpose.to_owned();
-        let found: Option<i64> = on_pool!(&self.backend, pool => sqlx::query_scalar(
-            "SELECT 1 FROM objections WHERE subject_id = $1 AND purpose = $2")
+        let found: Option<String> = on_pool!(&self.backend, pool => sqlx::query_scalar(
+            "SELECT purpose FROM objections WHERE subject_id = $1 AND purpose = $2")
             .bind(subject.as_bytes().to_vec()).bind(purpose).fetch_optional(pool).await)?;
         Ok(found.is_some())
     }

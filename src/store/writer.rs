@@ -241,7 +241,7 @@ macro_rules! delete_index_entry {
 /// `NotFound` unless the subject (by id bytes) exists.
 macro_rules! require_subject {
     ($conn:expr, $idb:expr) => {
-        sqlx::query_scalar::<_, i64>("SELECT 1 FROM subjects WHERE id = $1")
+        sqlx::query_scalar::<_, Vec<u8>>("SELECT id FROM subjects WHERE id = $1")
             .bind($idb.clone())
             .fetch_optional(&mut *$conn)
             .await
@@ -429,7 +429,7 @@ macro_rules! apply_one {
                         .bind(id.clone())
                         .execute(&mut *$conn)
                         .await?;
-                    let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM callers WHERE id = $1")
+                    let found: Option<String> = sqlx::query_scalar("SELECT id FROM callers WHERE id = $1")
                         .bind(id.clone())
                         .fetch_optional(&mut *$conn)
                         .await?;

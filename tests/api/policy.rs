@@ -658,7 +658,7 @@ async fn a_missing_unknown_or_foreign_purpose_is_refused_on_get_find_and_create(
         .unwrap()
         .into_inner()
         .subject_ids;
-    assert_eq!(found, [created.id.clone()]);
+    assert_eq!(found, std::slice::from_ref(&created.id));
     raw.close().await;
 }
 
@@ -709,7 +709,11 @@ async fn operators_state_a_reason_to_read_values_but_not_to_look_up_ids() {
         .unwrap()
         .into_inner()
         .subject_ids;
-    assert_eq!(found, [created.id.clone()], "a lookup returns ids only");
+    assert_eq!(
+        found,
+        std::slice::from_ref(&created.id),
+        "a lookup returns ids only"
+    );
 
     let mut with_reason =
         app.subjects_under(Some(&token), Some("subject-request"), Some(OPERATOR_REASON));
@@ -809,7 +813,7 @@ async fn an_objection_to_marketing_hides_the_subject_from_marketing_only_until_w
     assert!(mentions(err.message(), "marketing"), "{err:?}");
     assert_eq!(
         find(&mut marketing).await.unwrap(),
-        [sibling.id.clone()],
+        std::slice::from_ref(&sibling.id),
         "the lookup leaves the objector out, not the other holder of the address"
     );
     let batch = marketing
@@ -880,7 +884,10 @@ async fn an_objection_to_marketing_hides_the_subject_from_marketing_only_until_w
     assert!(!via_account.already_objected);
     let err = get(&mut marketing, &sibling.id).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert_eq!(find(&mut marketing).await.unwrap(), [objector.id.clone()]);
+    assert_eq!(
+        find(&mut marketing).await.unwrap(),
+        std::slice::from_ref(&objector.id)
+    );
     let mut hosting_account = app.subjects_under(Some(&hosting), Some("account"), None);
     get(&mut hosting_account, &sibling.id).await.unwrap();
 }
