@@ -95,6 +95,7 @@ impl Application {
             },
         );
         trail.spawn_checkpointer();
+        trail.spawn_indexer(std::time::Duration::from_millis(500));
         spawn_audit_pruning(trail.clone(), args.audit.retention_days);
         tracing::info!(
             version = policy.version(),

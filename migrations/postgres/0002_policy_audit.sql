@@ -21,17 +21,29 @@ CREATE TABLE audit_events (
     purpose TEXT   NOT NULL,
     method  TEXT   NOT NULL,
     outcome TEXT   NOT NULL,
+    -- The subject ids the event names, comma-separated (indexed into audit_subjects later).
+    subjects TEXT  NOT NULL,
     body    BYTEA  NOT NULL,
     mac     BYTEA  NOT NULL
 );
 CREATE INDEX audit_events_at ON audit_events (at_us);
 
--- Which events name a subject (an event may name several: batch reads, finds).
+-- Which events name a subject (an event may name several: batch reads, finds). Derived from
+-- audit_events.subjects by a background indexer in batches, not in the appending transaction: one
+-- row per event at a random place in this index would cost every read a B-tree page write. Events
+-- after `audit_index_state.indexed_seq` are found by scanning their `subjects` column instead.
 CREATE TABLE audit_subjects (
     subject_id BYTEA  NOT NULL,
     seq        BIGINT NOT NULL,
     PRIMARY KEY (subject_id, seq)
 );
+
+-- How far audit_subjects is complete.
+CREATE TABLE audit_index_state (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    indexed_seq BIGINT NOT NULL
+);
+INSERT INTO audit_index_state (id, indexed_seq) VALUES (1, 0);
 
 -- The single ordering point of the chain: every batch of events locks and advances this row in
 -- the transaction that appends them, so instances sharing a database keep one linear chain.

@@ -203,6 +203,30 @@ impl AuditTrail {
         })
     }
 
+    /// Keeps the per-subject index of the trail close behind the head: every `every`, indexes
+    /// what was appended since (queries by subject cover the rest by scanning it).
+    pub fn spawn_indexer(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let trail = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                loop {
+                    match trail.store.index_audit_subjects().await {
+                        // A full batch: there may be more right away.
+                        Ok(n) if n >= 5_000 => continue,
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "audit subject index not updated");
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
     /// Events matching `filter` after `after`, decoded.
     pub async fn query(
         &self,

@@ -176,22 +176,13 @@ impl Vault {
         if access.objectable() && self.store.objected(id, &access.purpose).await? {
             return Err(objected(&access.purpose));
         }
-        let view = self.open_row(&row, wanted)?;
-        let stored = SealedRecord::decode_blob(&row.record)
-            .map_err(|e| data_loss(id, e))?
-            .paths();
+        let (view, stored) = self.open_row(&row, wanted)?;
+        let withheld = stored
+            .difference(access.grant.read)
+            .difference(access.grant.masked);
+        draft.withheld(withheld);
         let shown = self.show(access, view, wanted, draft);
-        draft.withheld(
-            stored
-                .difference(access.grant.read)
-                .difference(access.grant.masked),
-        );
-        Ok(Shown {
-            withheld: stored
-                .difference(access.grant.read)
-                .difference(access.grant.masked),
-            ..shown
-        })
+        Ok(Shown { withheld, ..shown })
     }
 
     /// Reads several subjects; one result per id, in the order asked, each found or not.
@@ -223,17 +214,14 @@ impl Vault {
                     None => Err(DomainError::NotFound),
                     Some(Err(e)) => Err(DomainError::from(e.clone())),
                     Some(Ok(_)) if objected.contains(id) => Err(objected_error(&access.purpose)),
-                    Some(Ok(row)) => self.open_row(row, wanted).and_then(|view| {
-                        let stored = SealedRecord::decode_blob(&row.record)
-                            .map_err(|e| data_loss(*id, e))?
-                            .paths();
+                    Some(Ok(row)) => self.open_row(row, wanted).map(|(view, stored)| {
                         draft.subject(*id);
                         let withheld = stored
                             .difference(access.grant.read)
                             .difference(access.grant.masked);
                         draft.withheld(withheld);
                         let shown = self.show(access, view, wanted, draft);
-                        Ok(Shown { withheld, ..shown })
+                        Shown { withheld, ..shown }
                     }),
                 };
                 (*id, result)
@@ -541,19 +529,26 @@ impl Vault {
         Ok(FieldCipher::new(&dek, row.id, row.dek_id)?)
     }
 
-    fn open_row(&self, row: &SubjectRow, paths: PathSet) -> Result<SubjectView, DomainError> {
+    /// Opens the leaves in `paths`; also returns every path the record holds.
+    fn open_row(
+        &self,
+        row: &SubjectRow,
+        paths: PathSet,
+    ) -> Result<(SubjectView, PathSet), DomainError> {
         let cipher = self.cipher(row)?;
         let paths: Vec<FieldPath> = paths.iter().collect();
-        let fields = SealedRecord::decode_blob(&row.record)
-            .and_then(|record| record.open(&cipher, &paths))
+        let record = SealedRecord::decode_blob(&row.record).map_err(|e| data_loss(row.id, e))?;
+        let fields = record
+            .open(&cipher, &paths)
             .map_err(|e| data_loss(row.id, e))?;
-        Ok(SubjectView {
+        let view = SubjectView {
             id: row.id,
             version: row.version,
             created_at_us: row.created_at,
             updated_at_us: row.updated_at,
             fields,
-        })
+        };
+        Ok((view, record.paths()))
     }
 
     fn index_entry(&self, path: FieldPath, value: &FieldValue) -> Option<IndexEntry> {

@@ -2,7 +2,7 @@
 //! order for verification and queries, checkpoints, pruning, and objections. The chain's links are
 //! computed above the store ([`ChainLinker`]); the store only keeps the order.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use uuid::Uuid;
 
@@ -60,8 +60,30 @@ struct EventRow {
     purpose: String,
     method: String,
     outcome: String,
+    subjects: String,
     body: Vec<u8>,
     mac: Vec<u8>,
+}
+
+/// Most events the indexer takes into `audit_subjects` per transaction.
+const INDEX_BATCH: i64 = 5_000;
+
+/// The `subjects` column: canonical ids, comma-separated.
+pub(super) fn subjects_column(ids: &[Uuid]) -> String {
+    ids.iter()
+        .map(Uuid::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn parse_subjects(column: &str) -> Result<Vec<Uuid>, StoreError> {
+    column
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            Uuid::parse_str(s).map_err(|_| StoreError::Corrupt("audit_events.subjects".into()))
+        })
+        .collect()
 }
 
 impl Store {
@@ -75,24 +97,26 @@ impl Store {
             .await
     }
 
-    /// Events matching `filter` with `seq > after`, in order, at most `limit`.
+    /// Events matching `filter` with `seq > after`, in order, at most `limit`. A subject filter
+    /// uses `audit_subjects` up to the indexer's mark and the `subjects` column after it.
     pub async fn audit_query(
         &self,
         filter: &AuditFilter,
         after: i64,
         limit: u32,
     ) -> Result<Vec<StoredAuditEvent>, StoreError> {
-        let mut sql = String::from(
-            "SELECT e.seq, e.at_us, e.caller, e.purpose, e.method, e.outcome, e.body, e.mac \
-             FROM audit_events e",
-        );
         let mut n = 1;
         let mut conds = vec![format!("e.seq > ${n}")];
         if filter.subject.is_some() {
-            n += 1;
-            sql.push_str(&format!(
-                " JOIN audit_subjects s ON s.seq = e.seq AND s.subject_id = ${n}"
-            ));
+            // $2: the id's bytes (indexed part), $3: its text (the tail not indexed yet).
+            conds.push(
+                "((e.seq <= (SELECT indexed_seq FROM audit_index_state WHERE id = 1) \
+                   AND e.seq IN (SELECT seq FROM audit_subjects WHERE subject_id = $2)) \
+                  OR (e.seq > (SELECT indexed_seq FROM audit_index_state WHERE id = 1) \
+                   AND e.subjects LIKE $3))"
+                    .to_owned(),
+            );
+            n += 2;
         }
         let texts = [
             ("caller", &filter.caller),
@@ -115,17 +139,19 @@ impl Store {
             conds.push(format!("e.at_us < ${n}"));
         }
         n += 1;
-        sql.push_str(&format!(
-            " WHERE {} ORDER BY e.seq LIMIT ${n}",
+        let sql = format!(
+            "SELECT e.seq, e.at_us, e.caller, e.purpose, e.method, e.outcome, e.subjects, e.body, e.mac \
+             FROM audit_events e WHERE {} ORDER BY e.seq LIMIT ${n}",
             conds.join(" AND ")
-        ));
+        );
         let rows: Vec<EventRow> = on_pool!(&self.backend, pool => {
             let mut q = sqlx::query_as::<_, EventRow>(
                 // Built above from fixed column names and numbered placeholders only.
                 sqlx::AssertSqlSafe(sql.clone()),
-            ).bind(after);
+            )
+            .bind(after);
             if let Some(s) = filter.subject {
-                q = q.bind(s.as_bytes().to_vec());
+                q = q.bind(s.as_bytes().to_vec()).bind(format!("%{s}%"));
             }
             for (_, value) in &texts {
                 if let Some(v) = value {
@@ -140,31 +166,67 @@ impl Store {
             }
             q.bind(i64::from(limit)).fetch_all(pool).await
         })?;
-        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
-            return Ok(Vec::new());
-        };
-        let (lo, hi) = (first.seq, last.seq);
-        let named: Vec<(i64, Vec<u8>)> = on_pool!(&self.backend, pool => sqlx::query_as(
-            "SELECT seq, subject_id FROM audit_subjects WHERE seq >= $1 AND seq <= $2 ORDER BY seq, subject_id")
-            .bind(lo).bind(hi).fetch_all(pool).await)?;
-        let mut subjects: HashMap<i64, Vec<Uuid>> = HashMap::new();
-        for (seq, id) in named {
-            subjects.entry(seq).or_default().push(uuid_from(&id)?);
-        }
-        Ok(rows
-            .into_iter()
-            .map(|r| StoredAuditEvent {
-                subjects: subjects.remove(&r.seq).unwrap_or_default(),
-                seq: r.seq,
-                at_us: r.at_us,
-                caller: r.caller,
-                purpose: r.purpose,
-                method: r.method,
-                outcome: r.outcome,
-                body: r.body,
-                mac: r.mac,
+        rows.into_iter()
+            .map(|r| {
+                Ok(StoredAuditEvent {
+                    subjects: parse_subjects(&r.subjects)?,
+                    seq: r.seq,
+                    at_us: r.at_us,
+                    caller: r.caller,
+                    purpose: r.purpose,
+                    method: r.method,
+                    outcome: r.outcome,
+                    body: r.body,
+                    mac: r.mac,
+                })
             })
-            .collect())
+            .collect()
+    }
+
+    /// Takes the next events after the indexer's mark into `audit_subjects` (sorted, so one
+    /// B-tree page takes many entries) and moves the mark, in one transaction. Returns how many
+    /// events were indexed; instances racing here index the same rows idempotently.
+    pub async fn index_audit_subjects(&self) -> Result<u64, StoreError> {
+        let (begin, mark_sql) = match &self.write_backend {
+            super::Backend::Sqlite(_) => (
+                "BEGIN IMMEDIATE",
+                "SELECT indexed_seq FROM audit_index_state WHERE id = 1",
+            ),
+            super::Backend::Postgres(_) => (
+                "BEGIN",
+                "SELECT indexed_seq FROM audit_index_state WHERE id = 1 FOR UPDATE",
+            ),
+        };
+        on_pool!(&self.write_backend, pool => {
+            let mut tx = pool.begin_with(begin).await?;
+            let mark: i64 = sqlx::query_scalar(mark_sql).fetch_one(&mut *tx).await?;
+            let rows: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT seq, subjects FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2")
+                .bind(mark).bind(INDEX_BATCH).fetch_all(&mut *tx).await?;
+            let Some(last) = rows.last().map(|(seq, _)| *seq) else {
+                return Ok(0);
+            };
+            let mut entries: Vec<(Uuid, i64)> = Vec::new();
+            for (seq, subjects) in &rows {
+                for id in parse_subjects(subjects)? {
+                    entries.push((id, *seq));
+                }
+            }
+            entries.sort_unstable();
+            entries.dedup();
+            for chunk in entries.chunks(1000) {
+                let mut q = sqlx::QueryBuilder::new("INSERT INTO audit_subjects (subject_id, seq) ");
+                q.push_values(chunk.iter(), |mut b, (id, seq)| {
+                    b.push_bind(id.as_bytes().to_vec()).push_bind(*seq);
+                });
+                q.push(" ON CONFLICT DO NOTHING");
+                q.build().execute(&mut *tx).await?;
+            }
+            sqlx::query("UPDATE audit_index_state SET indexed_seq = $1 WHERE id = 1")
+                .bind(last).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(rows.len() as u64)
+        })
     }
 
     /// The chain head: the last appended seq and its link.

@@ -587,7 +587,7 @@ async fn try_commit_batch(
             }
             for chunk in linked.chunks(256) {
                 let mut q = sqlx::QueryBuilder::new(
-                    "INSERT INTO audit_events (seq, at_us, caller, purpose, method, outcome, body, mac) ",
+                    "INSERT INTO audit_events (seq, at_us, caller, purpose, method, outcome, subjects, body, mac) ",
                 );
                 q.push_values(chunk.iter(), |mut b, (seq, e, mac)| {
                     b.push_bind(*seq)
@@ -596,22 +596,10 @@ async fn try_commit_batch(
                         .push_bind(e.purpose.clone())
                         .push_bind(e.method.clone())
                         .push_bind(e.outcome.clone())
+                        .push_bind(super::audit::subjects_column(&e.subjects))
                         .push_bind(e.body.clone())
                         .push_bind(mac.to_vec());
                 });
-                q.build().execute(&mut *tx).await?;
-            }
-            let named: Vec<(i64, &Uuid)> = linked
-                .iter()
-                .flat_map(|(seq, e, _)| e.subjects.iter().map(move |s| (*seq, s)))
-                .collect();
-            for chunk in named.chunks(1000) {
-                let mut q = sqlx::QueryBuilder::new("INSERT INTO audit_subjects (subject_id, seq) ");
-                q.push_values(chunk.iter(), |mut b, (seq, id)| {
-                    b.push_bind(id.as_bytes().to_vec()).push_bind(*seq);
-                });
-                // An event naming one subject twice (a batch read asking twice) indexes it once.
-                q.push(" ON CONFLICT DO NOTHING");
                 q.build().execute(&mut *tx).await?;
             }
             sqlx::query("UPDATE audit_head SET seq = $1, mac = $2 WHERE id = 1")

@@ -536,8 +536,8 @@ async fn the_chain_verifies_after_a_mixed_workload_and_each_kind_of_tampering_is
     exec(
         &raw,
         &format!(
-            "INSERT INTO audit_events (seq, at_us, caller, purpose, method, outcome, body, mac) \
-             SELECT {}, at_us, caller, purpose, method, outcome, body, mac FROM audit_events WHERE seq = {k}",
+            "INSERT INTO audit_events (seq, at_us, caller, purpose, method, outcome, subjects, body, mac) \
+             SELECT {}, at_us, caller, purpose, method, outcome, subjects, body, mac FROM audit_events WHERE seq = {k}",
             head + 1
         ),
     )
@@ -653,4 +653,71 @@ async fn two_instances_under_concurrent_load_keep_one_valid_chain() {
     );
     assert_eq!((max, head), (count, count), "seq 1..n without gaps");
     raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subjects_history_is_complete_before_and_after_the_index_catches_up() {
+    let app = spawn_kluis().await;
+    let one = app.create(full_subject(&tag())).await;
+    let other = app.create(full_subject(&tag())).await;
+    async fn history(app: &TestApp, id: &str) -> Vec<pb::AuditEvent> {
+        app.audit_events(pb::QueryAuditLogRequest {
+            subject_id: id.to_owned(),
+            ..all()
+        })
+        .await
+    }
+    for _ in 0..3 {
+        app.get(&one.id).await.unwrap();
+    }
+    app.get(&other.id).await.unwrap();
+    // Wait until the indexer has taken these events in, then add more that it has not.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let appended = app.raw_count("SELECT MAX(seq) FROM audit_events").await;
+    while app
+        .raw_count("SELECT indexed_seq FROM audit_index_state")
+        .await
+        < appended
+    {
+        assert!(Instant::now() < deadline, "the indexer did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.subjects()
+        .batch_get_subjects(pb::BatchGetSubjectsRequest {
+            ids: vec![one.id.clone(), other.id.clone(), one.id.clone()],
+            read_mask: None,
+            view: 0,
+        })
+        .await
+        .unwrap();
+    let events = history(&app, &one.id).await;
+    let methods: Vec<&str> = events.iter().map(|e| e.method.as_str()).collect();
+    assert_eq!(
+        methods,
+        [
+            "kluis.v1.SubjectService/CreateSubject",
+            "kluis.v1.SubjectService/GetSubject",
+            "kluis.v1.SubjectService/GetSubject",
+            "kluis.v1.SubjectService/GetSubject",
+            "kluis.v1.SubjectService/BatchGetSubjects",
+        ]
+    );
+    assert!(events.iter().all(|e| e.subject_ids.contains(&one.id)));
+    // Once indexed, the same answer.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let indexed = app
+            .raw_count("SELECT indexed_seq FROM audit_index_state")
+            .await;
+        if indexed >= events.last().unwrap().seq {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the indexer did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = history(&app, &one.id).await;
+    assert_eq!(
+        again.iter().map(|e| e.seq).collect::<Vec<_>>()[..5],
+        events.iter().map(|e| e.seq).collect::<Vec<_>>()[..]
+    );
 }
