@@ -88,11 +88,7 @@ impl Application {
             audit_keys.chain,
             &audit_keys.checkpoint_seed,
             policy.version().to_owned(),
-            CheckpointSettings {
-                file: Some(args.audit_checkpoint_file()),
-                every_events: args.audit.checkpoint_events.max(1),
-                every: std::time::Duration::from_secs(args.audit.checkpoint_seconds.max(1)),
-            },
+            checkpoint_settings(args),
         );
         trail.spawn_checkpointer();
         trail.spawn_indexer(std::time::Duration::from_millis(500));
@@ -200,12 +196,17 @@ pub async fn open_audit_trail(args: &ServeArgs) -> Result<Arc<AuditTrail>, Start
         keys.chain,
         &keys.checkpoint_seed,
         policy.version().to_owned(),
-        CheckpointSettings {
-            file: Some(args.audit_checkpoint_file()),
-            every_events: args.audit.checkpoint_events.max(1),
-            every: std::time::Duration::from_secs(args.audit.checkpoint_seconds.max(1)),
-        },
+        checkpoint_settings(args),
     ))
+}
+
+/// When the audit trail signs checkpoints, and the file outside the database that receives them.
+fn checkpoint_settings(args: &ServeArgs) -> CheckpointSettings {
+    CheckpointSettings {
+        file: Some(args.audit_checkpoint_file()),
+        every_events: args.audit.checkpoint_events.max(1),
+        every: std::time::Duration::from_secs(args.audit.checkpoint_seconds.max(1)),
+    }
 }
 
 /// The policy file named in the settings, else the shipped one; either is validated whole.

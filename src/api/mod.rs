@@ -24,6 +24,9 @@ use crate::domain::{Callers, Vault};
 /// `OUT_OF_RANGE` before any handler runs.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// Calls one HTTP/2 connection may have in flight at once.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
 /// Serves every kluis service on `listener` until `shutdown` completes, then drains in-flight calls.
 pub async fn serve(
     listener: TcpListener,
@@ -85,6 +88,9 @@ pub async fn serve(
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
     Server::builder()
+        // Bounds the calls one connection can have in flight (and the memory they hold); a client
+        // with more waits for a free stream instead of queueing inside kluis.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(auth::AuthLayer::new(callers, failures))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -14,9 +14,10 @@
 //! open loop offering `--rate` requests/s for `--rate-duration` seconds; each request's latency is
 //! counted from the moment it was *meant* to start, so a stalled server cannot hide its queueing
 //! (no coordinated omission). It prints requests/s and p50/p99/p99.9 per scenario, each closed
-//! loop's ratio to `health`, and how the run compares with the targets of the issue (2 cores,
-//! SQLite, 100,000 subjects: get ≥ 40 % of health, find ≥ 35 %, create ≥ 8,000 durable subjects/s
-//! at 64 concurrent; p99 ≤ 2 ms at 10,000 get/s; server RSS ≤ 150 MB). Missed targets are
+//! loop's ratio to `health`, and how the run compares with the targets of the issues (2 cores,
+//! SQLite, 100,000 subjects, at 64 concurrent: get — purpose-checked and durably audited — ≥ 30 %
+//! of health and p99 ≤ 3 ms at a fixed 10,000 get/s; find ≥ 35 %; create ≥ 8,000 durable
+//! subjects/s; server RSS ≤ 150 MB). Every call declares `--purpose` and `--reason`. Missed targets are
 //! reported, not fatal: the exit status is non-zero only when the run itself could not complete.
 //!
 //! By default it starts its own server: the `kluis` binary next to this one, `kluis serve` on a
@@ -1115,7 +1116,9 @@ impl Report {
         }
 
         let health = self.health_rate();
-        for (scenario, min_pct) in [("get", 40.0), ("find", 35.0)] {
+        // get: the policy-and-audit issue's target (every get purpose-checked and durably audited);
+        // find: the core issue's.
+        for (scenario, min_pct) in [("get", 30.0), ("find", 35.0)] {
             let label = format!("target {scenario} >= {min_pct:.0}% of health:");
             match (self.closed(scenario), health) {
                 (Some(row), Some(h)) => {
@@ -1147,7 +1150,7 @@ impl Report {
             None => println!("{label} not measured"),
         }
 
-        let label = "target fixed rate 10000 get/s, p99 <= 2 ms:";
+        let label = "target fixed rate 10000 get/s, p99 <= 3 ms:";
         match self
             .rows
             .iter()
@@ -1155,8 +1158,8 @@ impl Report {
         {
             Some(row) => {
                 let mut notes = Vec::new();
-                if row.p99 > 2.0 {
-                    notes.push(format!("{:.3} ms", row.p99 - 2.0));
+                if row.p99 > 3.0 {
+                    notes.push(format!("{:.3} ms", row.p99 - 3.0));
                 }
                 if row.errors > 0 {
                     notes.push(format!("{} errors", row.errors));
