@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     crypto::SecretKey,
-    store::{AuditFilter, AuditRecord, ChainLinker, Store, StoredAuditEvent},
+    store::{AUDIT_INDEX_BATCH, AuditFilter, AuditRecord, ChainLinker, Store, StoredAuditEvent},
 };
 
 /// Events read per page while verifying.
@@ -215,7 +215,7 @@ impl AuditTrail {
                 loop {
                     match trail.store.index_audit_subjects().await {
                         // A full batch: there may be more right away.
-                        Ok(n) if n >= 5_000 => continue,
+                        Ok(n) if n >= AUDIT_INDEX_BATCH => continue,
                         Ok(_) => break,
                         Err(e) => {
                             tracing::warn!(error = %e, "audit subject index not updated");

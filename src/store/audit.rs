@@ -65,8 +65,10 @@ struct EventRow {
     mac: Vec<u8>,
 }
 
-/// Most events the indexer takes into `audit_subjects` per transaction.
-const INDEX_BATCH: i64 = 5_000;
+/// Most events the indexer takes into `audit_subjects` per transaction: small enough that the
+/// transaction holds the (SQLite: only) write connection for a few milliseconds at a time.
+pub const AUDIT_INDEX_BATCH: u64 = 500;
+const INDEX_BATCH: i64 = AUDIT_INDEX_BATCH as i64;
 
 /// The `subjects` column: canonical ids, comma-separated.
 pub(super) fn subjects_column(ids: &[Uuid]) -> String {

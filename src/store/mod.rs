@@ -21,7 +21,7 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-pub use audit::{AuditFilter, AuditRecord, ChainLinker, StoredAuditEvent};
+pub use audit::{AUDIT_INDEX_BATCH, AuditFilter, AuditRecord, ChainLinker, StoredAuditEvent};
 pub use writer::{WriteOp, WriteOutcome};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
