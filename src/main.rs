@@ -206,6 +206,13 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, String> {
                 .map_err(|e| e.to_string())?;
             let mut files = vec![args.audit_checkpoint_file()];
             files.extend(also);
+            for file in files.iter().filter(|f| !f.exists()) {
+                println!(
+                    "note: checkpoint file {} does not exist: the tail is checked against the \
+                     database's checkpoints only",
+                    file.display()
+                );
+            }
             match trail.verify(&files).await.map_err(|e| e.to_string())? {
                 Ok(report) => {
                     println!(

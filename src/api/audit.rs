@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::{auth::context, call::Calls, convert, pb};
 use crate::{
-    audit::{AuditEvent, AuditTrail},
+    audit::{AuditError, AuditEvent, AuditTrail},
     domain::DomainError,
     store::AuditFilter,
 };
@@ -49,6 +49,14 @@ fn event_message(seq: i64, e: AuditEvent) -> pb::AuditEvent {
     }
 }
 
+/// The database not answering is worth a retry; audit data that does not decode is not.
+fn audit_error(e: AuditError) -> DomainError {
+    match e {
+        AuditError::Store(m) => DomainError::Unavailable(m),
+        other => DomainError::Internal(other.to_string()),
+    }
+}
+
 fn text(value: &str) -> Option<String> {
     (!value.trim().is_empty()).then(|| value.trim().to_owned())
 }
@@ -73,9 +81,17 @@ fn filter(req: &pb::QueryAuditLogRequest) -> Result<(AuditFilter, i64, u32), Dom
         n if n < 0 => return Err(DomainError::invalid("page_size", "must not be negative")),
         n => u32::try_from(n).unwrap_or(MAX_PAGE).min(MAX_PAGE),
     };
-    let time = |t: &Option<prost_types::Timestamp>| {
-        t.as_ref()
-            .map(|t| t.seconds.saturating_mul(1_000_000) + i64::from(t.nanos / 1000))
+    let time = |field: &str, t: &Option<prost_types::Timestamp>| match t {
+        None => Ok(None),
+        Some(t) if (0..1_000_000_000).contains(&t.nanos) => Ok(Some(
+            t.seconds
+                .saturating_mul(1_000_000)
+                .saturating_add(i64::from(t.nanos / 1000)),
+        )),
+        Some(_) => Err(DomainError::invalid(
+            field,
+            "nanos must be 0 to 999,999,999",
+        )),
     };
     Ok((
         AuditFilter {
@@ -84,8 +100,8 @@ fn filter(req: &pb::QueryAuditLogRequest) -> Result<(AuditFilter, i64, u32), Dom
             purpose: text(&req.purpose),
             method: text(&req.method),
             outcome: text(&req.outcome).map(|o| o.to_ascii_uppercase()),
-            from_us: time(&req.start_time),
-            to_us: time(&req.end_time),
+            from_us: time("start_time", &req.start_time)?,
+            to_us: time("end_time", &req.end_time)?,
         },
         after,
         page,
@@ -107,7 +123,7 @@ impl pb::audit_service_server::AuditService for AuditApi {
                 .trail
                 .query(&filter, after, page)
                 .await
-                .map_err(|e| DomainError::Unavailable(e.to_string()))?;
+                .map_err(audit_error)?;
             Ok((events, page))
         }
         .await;
@@ -133,10 +149,7 @@ impl pb::audit_service_server::AuditService for AuditApi {
         let draft = self.calls.open(&ctx);
         let result = async {
             ctx.caller.require_operator("VerifyAuditChain")?;
-            self.trail
-                .verify(&[])
-                .await
-                .map_err(|e| DomainError::Unavailable(e.to_string()))
+            self.trail.verify(&[]).await.map_err(audit_error)
         }
         .await;
         let outcome = self.calls.finish(&ctx, draft, result).await?;

@@ -17,7 +17,8 @@ use tracing::Instrument;
 use super::status::to_status;
 use crate::{
     audit::{AuditEvent, AuditTrail, FORMAT_VERSION},
-    domain::{Caller, Callers, access::Declared, now_us},
+    clock::now_us,
+    domain::{Caller, Callers, access::Declared},
 };
 
 /// What the layer found out about a call, for the handler: take it with [`context`].
@@ -31,6 +32,30 @@ pub struct RequestContext {
     pub peer: String,
     /// `x-kluis-purpose` and `x-kluis-reason` as sent.
     pub declared: Declared,
+    /// Set once the call's audit event is taken care of ([`super::call::Calls::finish`]); a call
+    /// refused before its handler ran (undecodable message, unknown method) is recorded by the
+    /// layer instead.
+    pub audited: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The method as the audit trail may record it: `package.Service/Method` when the path has that
+/// form, else `unknown` (a client's arbitrary path is not copied into the trail).
+pub fn method_name(path: &str) -> String {
+    let name = path.trim_start_matches('/');
+    let well_formed = name.len() <= 128
+        && name.starts_with("kluis.v1.")
+        && name.split_once('/').is_some_and(|(service, method)| {
+            !method.is_empty()
+                && service
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.')
+                && method.bytes().all(|b| b.is_ascii_alphanumeric())
+        });
+    if well_formed {
+        name.to_owned()
+    } else {
+        "unknown".to_owned()
+    }
 }
 
 /// Failed authentications per client address, so a token-guessing client cannot flood the audit
@@ -77,7 +102,7 @@ impl FailedAuthentications {
             detail: if method.is_empty() {
                 String::new()
             } else {
-                format!("rpc={method}")
+                format!("rpc={}", method_name(method))
             },
             ..AuditEvent::default()
         }
@@ -140,11 +165,20 @@ fn is_public(path: &str) -> bool {
 pub struct AuthLayer {
     callers: Arc<Callers>,
     failures: Arc<FailedAuthentications>,
+    calls: super::call::Calls,
 }
 
 impl AuthLayer {
-    pub fn new(callers: Arc<Callers>, failures: Arc<FailedAuthentications>) -> Self {
-        Self { callers, failures }
+    pub fn new(
+        callers: Arc<Callers>,
+        failures: Arc<FailedAuthentications>,
+        calls: super::call::Calls,
+    ) -> Self {
+        Self {
+            callers,
+            failures,
+            calls,
+        }
     }
 }
 
@@ -155,6 +189,7 @@ impl<S> Layer<S> for AuthLayer {
             inner,
             callers: self.callers.clone(),
             failures: self.failures.clone(),
+            calls: self.calls.clone(),
         }
     }
 }
@@ -164,6 +199,7 @@ pub struct AuthService<S> {
     inner: S,
     callers: Arc<Callers>,
     failures: Arc<FailedAuthentications>,
+    calls: super::call::Calls,
 }
 
 /// A metadata value as text, if it is one.
@@ -198,6 +234,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let callers = self.callers.clone();
         let failures = self.failures.clone();
+        let calls = self.calls.clone();
         let method = request.uri().path().to_owned();
         if is_public(&method) {
             return Box::pin(inner.call(request));
@@ -226,14 +263,28 @@ where
                             purpose: header_text(&request, "x-kluis-purpose"),
                             reason: header_text(&request, "x-kluis-reason"),
                         };
-                        request.extensions_mut().insert(RequestContext {
+                        let ctx = RequestContext {
                             request_id: request_id.clone(),
                             caller,
-                            method: method.trim_start_matches('/').to_owned(),
+                            method: method_name(&method),
                             peer,
                             declared,
-                        });
-                        inner.call(request).await?
+                            audited: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                        };
+                        request.extensions_mut().insert(ctx.clone());
+                        let response = inner.call(request).await?;
+                        if !ctx.audited.load(std::sync::atomic::Ordering::SeqCst) {
+                            // Refused before the handler ran: tonic answered with the status in
+                            // the headers (a trailers-only response).
+                            let code = response
+                                .headers()
+                                .get("grpc-status")
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.parse::<i32>().ok())
+                                .map_or(tonic::Code::Unknown, tonic::Code::from);
+                            calls.record_refusal(&ctx, code).await;
+                        }
+                        response
                     }
                     Err(e) => {
                         if matches!(e, crate::domain::DomainError::Unauthenticated(_)) {

@@ -59,8 +59,10 @@ impl Calls {
         mut draft: Draft,
         result: Result<T, DomainError>,
     ) -> Result<T, Status> {
+        ctx.audited.store(true, std::sync::atomic::Ordering::SeqCst);
         let answer = result.map_err(|e| to_status(e, &ctx.request_id));
-        if draft.committed && answer.is_ok() {
+        // A write that committed its event is recorded, whatever happened after.
+        if draft.committed {
             return answer;
         }
         let code = answer.as_ref().err().map_or(Code::Ok, Status::code);
@@ -74,6 +76,16 @@ impl Calls {
                     ctx.request_id
                 )))
             }
+        }
+    }
+
+    /// Records a call that was answered before its handler ran (undecodable request, unknown
+    /// method). The answer is already decided; a failure to record is logged.
+    pub async fn record_refusal(&self, ctx: &RequestContext, code: Code) {
+        let mut draft = self.open(ctx);
+        draft.event.outcome = code_name(code).to_owned();
+        if let Err(e) = self.trail.record(&draft.event).await {
+            tracing::error!(request_id = %ctx.request_id, error = %e, "audit event of a refused call not recorded");
         }
     }
 }

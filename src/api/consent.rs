@@ -52,12 +52,14 @@ impl pb::consent_service_server::ConsentService for ConsentApi {
         let mut draft = self.calls.open(&ctx);
         let req = request.into_inner();
         let result = async {
-            self.calls.authorize(&ctx)?;
+            let access = self.calls.authorize(&ctx)?;
             let id = convert::subject_id("subject_id", &req.subject_id)
                 .map_err(|v| DomainError::InvalidArgument(vec![v]))?;
             let purpose = purpose_field(&req.purpose)?;
             let route = route(req.route)?;
-            self.vault.object(id, purpose, route, &mut draft).await
+            self.vault
+                .object(&access, id, purpose, route, &mut draft)
+                .await
         }
         .await;
         let (new, at) = self.calls.finish(&ctx, draft, result).await?;
@@ -75,13 +77,13 @@ impl pb::consent_service_server::ConsentService for ConsentApi {
         let mut draft = self.calls.open(&ctx);
         let req = request.into_inner();
         let result = async {
-            self.calls.authorize(&ctx)?;
+            let access = self.calls.authorize(&ctx)?;
             let id = convert::subject_id("subject_id", &req.subject_id)
                 .map_err(|v| DomainError::InvalidArgument(vec![v]))?;
             let purpose = purpose_field(&req.purpose)?;
             let route = route(req.route)?;
             self.vault
-                .withdraw_objection(id, purpose, route, &mut draft)
+                .withdraw_objection(&access, id, purpose, route, &mut draft)
                 .await
         }
         .await;

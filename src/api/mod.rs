@@ -83,7 +83,7 @@ pub async fn serve(
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let audit = pb::audit_service_server::AuditServiceServer::new(audit::AuditApi::new(
         calls.trail.clone(),
-        calls,
+        calls.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
@@ -91,7 +91,7 @@ pub async fn serve(
         // Bounds the calls one connection can have in flight (and the memory they hold); a client
         // with more waits for a free stream instead of queueing inside kluis.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .layer(auth::AuthLayer::new(callers, failures))
+        .layer(auth::AuthLayer::new(callers, failures, calls))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

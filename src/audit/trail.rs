@@ -119,23 +119,26 @@ impl AuditTrail {
         }
         let last = self
             .store
-            .audit_checkpoints()
+            .latest_audit_checkpoint()
             .await
             .map_err(store_error)?
-            .last()
-            .map(|(s, _)| *s);
+            .map(|(s, _)| s);
         if last == Some(seq) {
             return Ok(None);
         }
         let mac: [u8; 32] = mac
             .try_into()
             .map_err(|_| AuditError::Decode("audit_head.mac is not 32 bytes".into()))?;
-        let cp = Checkpoint::sign(&self.signing, seq, &mac, crate::domain::now_us());
+        let cp = Checkpoint::sign(&self.signing, seq, &mac, crate::clock::now_us());
         let json = serde_json::to_string(&cp).map_err(|e| AuditError::Decode(e.to_string()))?;
         // The outside copy first: a checkpoint the database has but the file lacks would protect
         // less than it seems.
-        if let Some(file) = &self.settings.file {
-            append_to_file(file, &cp)?;
+        if let Some(file) = self.settings.file.clone() {
+            let copy = cp.clone();
+            // File I/O and fsync off the async workers.
+            tokio::task::spawn_blocking(move || append_to_file(&file, &copy))
+                .await
+                .map_err(|e| AuditError::Store(format!("checkpoint file writer: {e}")))??;
         }
         self.store
             .insert_audit_checkpoint(seq, &json)
@@ -148,10 +151,9 @@ impl AuditTrail {
     pub async fn latest_checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
         match self
             .store
-            .audit_checkpoints()
+            .latest_audit_checkpoint()
             .await
             .map_err(store_error)?
-            .pop()
         {
             Some((_, json)) => Ok(Some(
                 serde_json::from_str(&json).map_err(|e| AuditError::Decode(e.to_string()))?,
@@ -295,10 +297,17 @@ pub async fn verify_chain(
     files: Vec<PathBuf>,
 ) -> Result<Result<VerifyReport, Break>, AuditError> {
     let mut checkpoints = Vec::new();
-    for (_, json) in store.audit_checkpoints().await.map_err(store_error)? {
-        let cp: Checkpoint =
-            serde_json::from_str(&json).map_err(|e| AuditError::Decode(e.to_string()))?;
-        checkpoints.push((cp, CheckpointSource::Database));
+    for (seq, json) in store.audit_checkpoints().await.map_err(store_error)? {
+        match serde_json::from_str::<Checkpoint>(&json) {
+            Ok(cp) => checkpoints.push((cp, CheckpointSource::Database)),
+            // A stored checkpoint that is not one was tampered with: that is a finding.
+            Err(_) => {
+                return Ok(Err(Break::BadCheckpointSignature {
+                    seq,
+                    source: CheckpointSource::Database,
+                }));
+            }
+        }
     }
     for file in &files {
         let (found, torn) = read_file(file)?;
@@ -336,7 +345,7 @@ fn stored(row: &StoredAuditEvent) -> super::StoredEvent {
         purpose: row.purpose.clone(),
         method: row.method.clone(),
         outcome: row.outcome.clone(),
-        subjects: row.subjects.iter().map(Uuid::to_string).collect(),
+        subjects: row.subjects.clone(),
         body: row.body.clone(),
         mac: row.mac.clone(),
     }

@@ -5,8 +5,9 @@
 use super::{Caller, DomainError, FieldPath};
 use crate::policy::{Grant, Objection, PathSet, Policy};
 
-/// Longest `x-kluis-reason` accepted (a ticket number or a short note, never personal data).
-pub const MAX_REASON_CHARS: usize = 200;
+/// Longest `x-kluis-reason` accepted: a ticket reference, never a note (it is kept in the audit
+/// trail for years, beyond any erasure, so it must not be able to hold personal data).
+pub const MAX_REASON_CHARS: usize = 64;
 
 /// The metadata a call declared: `x-kluis-purpose` and `x-kluis-reason`, as received.
 #[derive(Debug, Clone, Default)]
@@ -32,6 +33,7 @@ pub fn recordable_purpose(policy: &Policy, declared: &Declared) -> String {
     declared
         .purpose
         .as_deref()
+        .map(str::trim)
         .filter(|p| policy.purpose(p).is_some())
         .unwrap_or_default()
         .to_owned()
@@ -46,12 +48,22 @@ pub fn recordable_reason(declared: &Declared) -> String {
         .unwrap_or_default()
 }
 
+/// A reason is a reference (`TICKET-1234`, `jira:PRIV-7`, `#4411`): a letter or digit, then up to
+/// 63 of letters, digits and `. _ : # / -`. No spaces, so no names or sentences.
 fn parse_reason(reason: &str) -> Result<String, DomainError> {
     let reason = reason.trim();
-    if reason.chars().count() > MAX_REASON_CHARS || reason.chars().any(char::is_control) {
+    let mut chars = reason.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '#' | '/' | '-'))
+        && reason.len() <= MAX_REASON_CHARS;
+    if !ok {
         return Err(DomainError::invalid(
             "x-kluis-reason",
-            format!("at most {MAX_REASON_CHARS} printable characters"),
+            format!(
+                "a ticket reference: a letter or digit, then letters, digits and . _ : # / - \
+                 ({MAX_REASON_CHARS} at most, no spaces)"
+            ),
         ));
     }
     Ok(reason.to_owned())

@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 use super::{DomainError, call::Draft, now_us};
 use crate::{
     crypto::CallerToken,
-    store::{CallerRow, Store, WriteOp, WriteOutcome},
+    store::{CallerRow, Store, StoreError, WriteOp, WriteOutcome},
 };
 
 /// How long a caller row is trusted before it is read again (the revocation window elsewhere).
@@ -200,18 +200,20 @@ impl Callers {
         id: &str,
         draft: &mut Draft,
     ) -> Result<CallerInfo, DomainError> {
+        // Only a well-formed id goes into the audit trail.
+        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(DomainError::NotFoundNamed { what: "caller" });
+        }
         draft.event.detail = format!("caller={id}");
         let op = WriteOp::RevokeCaller {
             id: id.to_owned(),
             at: now_us(),
         };
-        match self
-            .store
-            .write_audited(op, draft.committed_record())
-            .await?
-        {
-            WriteOutcome::CallerRevoked { found: true } => {}
-            _ => return Err(DomainError::NotFoundNamed { what: "caller" }),
+        match self.store.write_audited(op, draft.committed_record()).await {
+            Ok(WriteOutcome::CallerRevoked { found: true }) => {}
+            Ok(other) => return Err(DomainError::Internal(format!("revoke answered {other:?}"))),
+            Err(StoreError::NotFound) => return Err(DomainError::NotFoundNamed { what: "caller" }),
+            Err(e) => return Err(e.into()),
         }
         draft.committed = true;
         let row = self

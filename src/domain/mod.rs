@@ -16,10 +16,4 @@ pub use paths::FieldPath;
 pub use record::{ActivityRecord, FieldChanges, FieldValue, IpRecord, StoredField};
 pub use vault::{LookupKey, SubjectView, Vault};
 
-/// Microseconds since the Unix epoch: the one time unit of rows, records and events.
-pub fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use crate::clock::now_us;

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     crypto::{CryptoError, FieldCipher, Keyring, SecretKey, WrappedKey},
-    policy::{Objection, PathSet, Policy, mask_text},
+    policy::{Objection, PathSet, Policy, Role, mask_text},
     store::{IndexEntry, Store, StoreError, SubjectRow, WriteOp, WriteOutcome},
 };
 
@@ -207,6 +207,9 @@ impl Vault {
         } else {
             Default::default()
         };
+        for id in ids {
+            draft.subject(*id);
+        }
         Ok(ids
             .iter()
             .map(|id| {
@@ -215,7 +218,6 @@ impl Vault {
                     Some(Err(e)) => Err(DomainError::from(e.clone())),
                     Some(Ok(_)) if objected.contains(id) => Err(objected_error(&access.purpose)),
                     Some(Ok(row)) => self.open_row(row, wanted).map(|(view, stored)| {
-                        draft.subject(*id);
                         let withheld = stored
                             .difference(access.grant.read)
                             .difference(access.grant.masked);
@@ -238,7 +240,16 @@ impl Vault {
         key: &LookupKey,
         draft: &mut Draft,
     ) -> Result<Vec<Uuid>, DomainError> {
-        access.readable(&[key.path])?;
+        // A lookup confirms the whole value: only a path the caller may read is searchable (a
+        // masked IBAN is not).
+        if !access.grant.read.contains(key.path) {
+            return Err(DomainError::PermissionDenied(format!(
+                "purpose {} does not let role {} look subjects up by {}",
+                access.purpose,
+                access.caller.role,
+                key.path.as_str()
+            )));
+        }
         draft.event.detail = format!("lookup={}", key.path.as_str());
         let (_, digest) = self
             .keyring
@@ -277,6 +288,12 @@ impl Vault {
         loop {
             attempts += 1;
             let row = self.store.subject(id).await?.ok_or(DomainError::NotFound)?;
+            if attempts == 1
+                && access.objectable()
+                && self.store.objected(id, &access.purpose).await?
+            {
+                return Err(objected(&access.purpose));
+            }
             if let Some(expected) = expected_version
                 && expected != row.version
             {
@@ -384,6 +401,8 @@ impl Vault {
         draft: &mut Draft,
     ) -> Result<i64, DomainError> {
         access.caller.require_operator("EraseSubject")?;
+        // Erasing removes every path: only a purpose that lets the role write them all.
+        access.check_write(FieldPath::ALL.iter().copied())?;
         draft.subject(id);
         draft.event.detail = "erased".into();
         let at = now_us();
@@ -396,17 +415,20 @@ impl Vault {
     }
 
     /// Records the subject's objection against `purpose`. Refused (`FailedPrecondition`, naming
-    /// the legal basis) for a purpose that is not opt-out. Returns whether it is new.
+    /// the legal basis) for a purpose based on a legal obligation or a contract; the operator
+    /// route only for operators. Returns whether it is new.
     pub async fn object(
         &self,
+        access: &Access,
         id: Uuid,
         purpose: &str,
         route: ObjectionRoute,
         draft: &mut Draft,
     ) -> Result<(bool, i64), DomainError> {
         draft.subject(id);
-        draft.event.detail = format!("objection={purpose} route={}", route.as_str());
         let target = self.objectable_purpose(purpose)?;
+        check_route(access, route)?;
+        draft.event.detail = format!("objection={target} route={}", route.as_str());
         let at = now_us();
         let op = WriteOp::Object {
             id,
@@ -429,17 +451,28 @@ impl Vault {
         }
     }
 
-    /// Withdraws the subject's objection against `purpose`; returns whether there was one.
+    /// Withdraws the subject's objection against `purpose`; returns whether there was one. A role
+    /// that itself uses the purpose (the mailer, for `marketing`) may record an objection (the
+    /// unsubscribe link) but never withdraw one: only the subject, through the account, the portal
+    /// or an operator, can.
     pub async fn withdraw_objection(
         &self,
+        access: &Access,
         id: Uuid,
         purpose: &str,
         route: ObjectionRoute,
         draft: &mut Draft,
     ) -> Result<bool, DomainError> {
         draft.subject(id);
-        draft.event.detail = format!("withdraw-objection={purpose} route={}", route.as_str());
         let target = self.objectable_purpose(purpose)?;
+        check_route(access, route)?;
+        let role = access.caller.role;
+        if role != Role::Operator && self.policy.grant(role, &target).is_some() {
+            return Err(DomainError::PermissionDenied(format!(
+                "role {role} acts under purpose {target} and may not withdraw objections against it"
+            )));
+        }
+        draft.event.detail = format!("withdraw-objection={target} route={}", route.as_str());
         let op = WriteOp::WithdrawObjection {
             id,
             purpose: target,
@@ -466,19 +499,13 @@ impl Vault {
             .purpose(purpose)
             .ok_or_else(|| DomainError::invalid("purpose", "unknown purpose"))?;
         match def.objection {
-            Objection::OptOut => Ok(def.name.clone()),
-            Objection::NotObjectable | Objection::ConsentBased => {
-                Err(DomainError::FailedPrecondition(format!(
-                    "purpose {} rests on {}: no objection is possible against it{}",
-                    def.name,
-                    def.legal_basis.as_str(),
-                    if matches!(def.objection, Objection::ConsentBased) {
-                        " (it is consent-based: withdraw consent instead)"
-                    } else {
-                        ""
-                    }
-                )))
-            }
+            // DESIGN.md §2: objection is possible against legitimate interest and consent.
+            Objection::OptOut | Objection::ConsentBased => Ok(def.name.clone()),
+            Objection::NotObjectable => Err(DomainError::FailedPrecondition(format!(
+                "purpose {} rests on {}: no objection is possible against it",
+                def.name,
+                def.legal_basis.as_str(),
+            ))),
         }
     }
 
@@ -563,6 +590,17 @@ impl Vault {
             digest,
         })
     }
+}
+
+/// The operator route is for operators only.
+fn check_route(access: &Access, route: ObjectionRoute) -> Result<(), DomainError> {
+    if route == ObjectionRoute::Operator && access.caller.role != Role::Operator {
+        return Err(DomainError::PermissionDenied(format!(
+            "route OPERATOR is for operators, not role {}",
+            access.caller.role
+        )));
+    }
+    Ok(())
 }
 
 /// The refusal of a read under a purpose the subject objected to.

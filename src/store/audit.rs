@@ -26,7 +26,8 @@ pub trait ChainLinker: Send + Sync {
     fn link(&self, seq: i64, prev: &[u8; 32], body: &[u8]) -> [u8; 32];
 }
 
-/// An event as stored.
+/// An event as stored. `subjects` is the column as written (split at commas), not parsed: a
+/// tampered column must reach the verifier, not fail the read.
 #[derive(Debug, Clone)]
 pub struct StoredAuditEvent {
     pub seq: i64,
@@ -35,7 +36,7 @@ pub struct StoredAuditEvent {
     pub purpose: String,
     pub method: String,
     pub outcome: String,
-    pub subjects: Vec<Uuid>,
+    pub subjects: Vec<String>,
     pub body: Vec<u8>,
     pub mac: Vec<u8>,
 }
@@ -78,12 +79,21 @@ pub(super) fn subjects_column(ids: &[Uuid]) -> String {
         .join(",")
 }
 
-fn parse_subjects(column: &str) -> Result<Vec<Uuid>, StoreError> {
+/// The ids of a `subjects` column; an entry that is not an id (a tampered row, which verification
+/// reports) is left out of the index rather than stopping it.
+fn parse_subjects(seq: i64, column: &str) -> Vec<Uuid> {
     column
         .split(',')
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            Uuid::parse_str(s).map_err(|_| StoreError::Corrupt("audit_events.subjects".into()))
+        .filter_map(|s| match Uuid::parse_str(s) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                tracing::error!(
+                    seq,
+                    "audit_events.subjects holds something that is not a subject id"
+                );
+                None
+            }
         })
         .collect()
 }
@@ -168,21 +178,25 @@ impl Store {
             }
             q.bind(i64::from(limit)).fetch_all(pool).await
         })?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(StoredAuditEvent {
-                    subjects: parse_subjects(&r.subjects)?,
-                    seq: r.seq,
-                    at_us: r.at_us,
-                    caller: r.caller,
-                    purpose: r.purpose,
-                    method: r.method,
-                    outcome: r.outcome,
-                    body: r.body,
-                    mac: r.mac,
-                })
+        Ok(rows
+            .into_iter()
+            .map(|r| StoredAuditEvent {
+                subjects: r
+                    .subjects
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                seq: r.seq,
+                at_us: r.at_us,
+                caller: r.caller,
+                purpose: r.purpose,
+                method: r.method,
+                outcome: r.outcome,
+                body: r.body,
+                mac: r.mac,
             })
-            .collect()
+            .collect())
     }
 
     /// Takes the next events after the indexer's mark into `audit_subjects` (sorted, so one
@@ -210,7 +224,7 @@ impl Store {
             };
             let mut entries: Vec<(Uuid, i64)> = Vec::new();
             for (seq, subjects) in &rows {
-                for id in parse_subjects(subjects)? {
+                for id in parse_subjects(*seq, subjects) {
                     entries.push((id, *seq));
                 }
             }
@@ -250,6 +264,13 @@ impl Store {
             "INSERT INTO audit_checkpoints (seq, checkpoint) VALUES ($1, $2) ON CONFLICT (seq) DO NOTHING")
             .bind(seq).bind(json).execute(pool).await.map(|_| ()))?;
         Ok(())
+    }
+
+    /// The newest checkpoint stored in the database (seq and JSON).
+    pub async fn latest_audit_checkpoint(&self) -> Result<Option<(i64, String)>, StoreError> {
+        Ok(on_pool!(&self.backend, pool => sqlx::query_as(
+            "SELECT seq, checkpoint FROM audit_checkpoints ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(pool).await)?)
     }
 
     /// Every checkpoint stored in the database (JSON), oldest first.

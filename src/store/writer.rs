@@ -433,7 +433,9 @@ macro_rules! apply_one {
                         .bind(id.clone())
                         .fetch_optional(&mut *$conn)
                         .await?;
-                    Ok(WriteOutcome::CallerRevoked { found: found.is_some() })
+                    // An unknown caller is an error, so the op (and its event) does not apply.
+                    found.ok_or(StoreError::NotFound)?;
+                    Ok(WriteOutcome::CallerRevoked { found: true })
                 }
             }
         }

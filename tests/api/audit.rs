@@ -721,3 +721,51 @@ async fn a_subjects_history_is_complete_before_and_after_the_index_catches_up() 
         events.iter().map(|e| e.seq).collect::<Vec<_>>()[..]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_refused_before_their_handler_and_unknown_callers_are_audited_once() {
+    let app = spawn_kluis().await;
+    // A method kluis does not have, called with a valid token: tonic answers UNIMPLEMENTED before
+    // any handler runs.
+    let mut grpc = tonic::client::Grpc::new(tonic::service::interceptor::InterceptedService::new(
+        app.channel(),
+        crate::helpers::TestApp::bearer(Some(&app.operator_token), Some("subject-request"), None),
+    ));
+    grpc.ready().await.unwrap();
+    let err = grpc
+        .unary::<pb::GetSubjectRequest, pb::GetSubjectResponse, _>(
+            tonic::Request::new(pb::GetSubjectRequest::default()),
+            http::uri::PathAndQuery::from_static("/kluis.v1.SubjectService/NoSuchMethod"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    let events = app
+        .audit_events(pb::QueryAuditLogRequest {
+            method: "kluis.v1.SubjectService/NoSuchMethod".into(),
+            ..all()
+        })
+        .await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0].outcome, "UNIMPLEMENTED");
+    assert_eq!(events[0].purpose, "subject-request");
+
+    // Revoking a caller that does not exist: one event, NOT_FOUND.
+    let err = app
+        .admin()
+        .revoke_caller_token(pb::RevokeCallerTokenRequest {
+            id: "0123456789abcdef".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let events = app
+        .audit_events(pb::QueryAuditLogRequest {
+            method: "kluis.v1.AdminService/RevokeCallerToken".into(),
+            ..all()
+        })
+        .await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0].outcome, "NOT_FOUND");
+}

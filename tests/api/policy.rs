@@ -846,12 +846,13 @@ async fn an_objection_to_marketing_hides_the_subject_from_marketing_only_until_w
     assert!(present(&got.subject.unwrap()).contains("contact.email"));
     assert_eq!(find(&mut billing_account).await.unwrap(), both);
 
-    // Withdrawn: readable and findable under marketing again.
-    let withdrawn = unsubscribe
+    // Withdrawn (by the subject, through the account): readable and findable under marketing again.
+    let mut through_account = app.consent_under(&hosting, "account");
+    let withdrawn = through_account
         .withdraw_objection(pb::WithdrawObjectionRequest {
             subject_id: objector.id.clone(),
             purpose: "marketing".into(),
-            route: pb::ObjectionRoute::UnsubscribeLink as i32,
+            route: pb::ObjectionRoute::Account as i32,
         })
         .await
         .unwrap()
@@ -859,11 +860,11 @@ async fn an_objection_to_marketing_hides_the_subject_from_marketing_only_until_w
     assert!(withdrawn.withdrawn);
     get(&mut marketing, &objector.id).await.unwrap();
     assert_eq!(find(&mut marketing).await.unwrap(), both);
-    let again = unsubscribe
+    let again = through_account
         .withdraw_objection(pb::WithdrawObjectionRequest {
             subject_id: objector.id.clone(),
             purpose: "marketing".into(),
-            route: pb::ObjectionRoute::UnsubscribeLink as i32,
+            route: pb::ObjectionRoute::Account as i32,
         })
         .await
         .unwrap()
@@ -1047,4 +1048,141 @@ async fn a_create_outside_the_write_grant_is_refused_and_stores_nothing() {
         leaves(&naw_contact)
     );
     raw.close().await;
+}
+
+// ---- review follow-ups ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mailer_can_unsubscribe_a_subject_but_never_withdraw_an_objection() {
+    let app = spawn_kluis().await;
+    let subject = app.create(full_subject(&tag())).await;
+    let mailer = app.token_for("mailer", "marketing-mailer").await;
+    let backend = app.token_for("backend", "hosting-backend").await;
+    let object = |route: pb::ObjectionRoute| pb::ObjectToPurposeRequest {
+        subject_id: subject.id.clone(),
+        purpose: "marketing".into(),
+        route: route as i32,
+    };
+    let mut as_mailer = app.consent_under(&mailer, "marketing");
+    // Only operators use the operator route.
+    let err = as_mailer
+        .object_to_purpose(object(pb::ObjectionRoute::Operator))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    as_mailer
+        .object_to_purpose(object(pb::ObjectionRoute::UnsubscribeLink))
+        .await
+        .unwrap();
+    let withdraw = pb::WithdrawObjectionRequest {
+        subject_id: subject.id.clone(),
+        purpose: "marketing".into(),
+        route: pb::ObjectionRoute::UnsubscribeLink as i32,
+    };
+    let err = as_mailer
+        .withdraw_objection(withdraw.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        mentions(err.message(), "marketing-mailer"),
+        "{}",
+        err.message()
+    );
+    // Still objected: the mailer cannot read the subject.
+    let read = app
+        .subjects_under(Some(&mailer), Some("marketing"), None)
+        .get_subject(get_request(&subject.id, &[], pb::SubjectView::Basic))
+        .await
+        .unwrap_err();
+    assert_eq!(read.code(), Code::FailedPrecondition);
+    // The subject, through the account, can.
+    let done = app
+        .consent_under(&backend, "account")
+        .withdraw_objection(pb::WithdrawObjectionRequest {
+            route: pb::ObjectionRoute::Account as i32,
+            ..withdraw
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(done.withdrawn);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_seen_only_masked_cannot_be_used_to_look_subjects_up() {
+    let app = spawn_kluis().await;
+    let subject = app.create(full_subject(&tag())).await;
+    let backend = app.token_for("backend", "hosting-backend").await;
+    let mut client = app.subjects_under(Some(&backend), Some("account"), None);
+    let err = client
+        .find_subjects(pb::FindSubjectsRequest {
+            key: Some(pb::find_subjects_request::Key::Iban(
+                "NL91ABNA0417164300".into(),
+            )),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(mentions(err.message(), "payment.iban"), "{}", err.message());
+    let email = subject.contact.unwrap().email;
+    let found = client
+        .find_subjects(find_by_email(&email))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found.subject_ids, vec![subject.id]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reason_is_a_ticket_reference_not_a_note() {
+    let app = spawn_kluis().await;
+    let subject = app.create(full_subject(&tag())).await;
+    for bad in ["Klant J. de Vries belde", "-1", "a\u{7f}b", &"x".repeat(65)] {
+        let reason = tonic::metadata::MetadataValue::try_from(bad);
+        let Ok(_) = reason else { continue };
+        let err = app
+            .subjects_under(
+                Some(&app.operator_token),
+                Some("subject-request"),
+                Some(bad),
+            )
+            .get_subject(get_request(&subject.id, &[], pb::SubjectView::Basic))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}");
+        assert_eq!(violation_fields(&err), vec!["x-kluis-reason"], "{bad:?}");
+    }
+    for good in ["TICKET-1234", "jira:PRIV-7", "4411", "zendesk/12_3.a#b"] {
+        app.subjects_under(
+            Some(&app.operator_token),
+            Some("subject-request"),
+            Some(good),
+        )
+        .get_subject(get_request(&subject.id, &[], pb::SubjectView::Basic))
+        .await
+        .unwrap_or_else(|e| panic!("{good}: {e:?}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_needs_a_purpose_that_may_write_every_path() {
+    let app = spawn_kluis().await;
+    let subject = app.create(full_subject(&tag())).await;
+    let err = app
+        .subjects_under(
+            Some(&app.operator_token),
+            Some("legal-demand"),
+            Some(OPERATOR_REASON),
+        )
+        .erase_subject(pb::EraseSubjectRequest {
+            id: subject.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    app.subjects()
+        .erase_subject(pb::EraseSubjectRequest { id: subject.id })
+        .await
+        .unwrap();
 }
