@@ -46,7 +46,7 @@ USER 10001:10001
 EXPOSE 50051
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["kluis", "health", "--addr", "127.0.0.1:50051"]
+    CMD ["kluis", "health"]
 
 ENTRYPOINT ["kluis"]
 CMD ["serve"]

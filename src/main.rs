@@ -33,8 +33,10 @@ enum Command {
     Serve(ServeArgs),
     /// Ask a running kluis whether it is serving (gRPC health protocol); exit 0 when it is.
     Health {
-        #[arg(long, env = "KLUIS_HEALTH_ADDR", default_value = "127.0.0.1:50051")]
-        addr: SocketAddr,
+        /// Default: the address `serve` listens on (`KLUIS_LISTEN`, a wildcard address asked on
+        /// loopback), else 127.0.0.1:50051.
+        #[arg(long, env = "KLUIS_HEALTH_ADDR")]
+        addr: Option<SocketAddr>,
     },
     /// Apply pending database migrations and exit.
     Migrate(StorageArgs),
@@ -137,17 +139,10 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Health { addr } => match kluis::api::check_health(addr).await {
-            Ok(true) => {
-                println!("SERVING");
-                Ok(ExitCode::SUCCESS)
-            }
-            Ok(false) => {
-                println!("NOT_SERVING");
-                Ok(ExitCode::FAILURE)
-            }
-            Err(e) => Err(format!("{addr}: {e}")),
-        },
+        Command::Health { addr } => {
+            let addr = addr.unwrap_or_else(serve_addr);
+            health(addr).await
+        }
         Command::Migrate(storage) => {
             std::fs::create_dir_all(&storage.data_dir).map_err(|e| e.to_string())?;
             let store = Store::open(&storage.database_url())
@@ -226,7 +221,13 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, String> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(broken) => {
-                    println!("audit chain BROKEN at seq {}: {broken}", broken.seq());
+                    let text = broken.to_string();
+                    let prefix = format!("audit chain broken at seq {}: ", broken.seq());
+                    println!(
+                        "audit chain BROKEN at seq {}: {}",
+                        broken.seq(),
+                        text.strip_prefix(&prefix).unwrap_or(&text)
+                    );
                     Ok(ExitCode::FAILURE)
                 }
             }
@@ -245,6 +246,35 @@ async fn audit(command: AuditCommand) -> Result<ExitCode, String> {
                 }
             }
         }
+    }
+}
+
+/// Where `serve` would listen, as a health check reaches it.
+fn serve_addr() -> SocketAddr {
+    let default = SocketAddr::from(([127, 0, 0, 1], 50051));
+    let Some(mut addr) = std::env::var("KLUIS_LISTEN")
+        .ok()
+        .and_then(|v| v.parse::<SocketAddr>().ok())
+    else {
+        return default;
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    addr
+}
+
+async fn health(addr: SocketAddr) -> Result<ExitCode, String> {
+    match kluis::api::check_health(addr).await {
+        Ok(true) => {
+            println!("SERVING");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(false) => {
+            println!("NOT_SERVING");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => Err(format!("{addr}: {e} (is kluis running there?)")),
     }
 }
 

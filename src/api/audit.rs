@@ -61,7 +61,50 @@ fn text(value: &str) -> Option<String> {
     (!value.trim().is_empty()).then(|| value.trim().to_owned())
 }
 
-fn filter(req: &pb::QueryAuditLogRequest) -> Result<(AuditFilter, i64, u32), DomainError> {
+/// `PERMISSION_DENIED`, `permission_denied` or grpcurl's `PermissionDenied` as the status name the
+/// trail records; anything else is refused.
+fn outcome_name(text: &str) -> Result<String, DomainError> {
+    let mut name = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 && text.chars().any(|c| c.is_ascii_lowercase()) {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    let name = name.replace("__", "_");
+    (0..=16)
+        .map(|n| super::status::code_name(tonic::Code::from(n)))
+        .find(|known| *known == name)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            DomainError::invalid(
+                "outcome",
+                "a gRPC status name, e.g. OK, PERMISSION_DENIED, UNAUTHENTICATED",
+            )
+        })
+}
+
+fn filter(
+    req: &pb::QueryAuditLogRequest,
+    policy: &crate::policy::Policy,
+) -> Result<(AuditFilter, i64, u32), DomainError> {
+    if let Some(purpose) = text(&req.purpose)
+        && policy.purpose(&purpose).is_none()
+    {
+        let known: Vec<&str> = policy.purposes().map(|p| p.name.as_str()).collect();
+        return Err(DomainError::invalid(
+            "purpose",
+            format!("unknown purpose; the policy defines {}", known.join(", ")),
+        ));
+    }
+    if let Some(caller) = text(&req.caller)
+        && (caller.len() != 16 || !caller.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(DomainError::invalid(
+            "caller",
+            "a caller id (16 hex digits, as ListCallers shows), not a name",
+        ));
+    }
     let subject = match text(&req.subject_id) {
         Some(t) => Some(
             convert::subject_id("subject_id", &t)
@@ -99,7 +142,7 @@ fn filter(req: &pb::QueryAuditLogRequest) -> Result<(AuditFilter, i64, u32), Dom
             caller: text(&req.caller),
             purpose: text(&req.purpose),
             method: text(&req.method),
-            outcome: text(&req.outcome).map(|o| o.to_ascii_uppercase()),
+            outcome: text(&req.outcome).map(|o| outcome_name(&o)).transpose()?,
             from_us: time("start_time", &req.start_time)?,
             to_us: time("end_time", &req.end_time)?,
         },
@@ -118,7 +161,12 @@ impl pb::audit_service_server::AuditService for AuditApi {
         let draft = self.calls.open(&ctx);
         let result = async {
             ctx.caller.require_operator("QueryAuditLog")?;
-            let (filter, after, page) = filter(request.get_ref())?;
+            let (filter, after, page) = filter(request.get_ref(), &self.calls.policy)?;
+            if let (Some(from), Some(to)) = (filter.from_us, filter.to_us)
+                && from >= to
+            {
+                return Err(DomainError::invalid("end_time", "must be after start_time"));
+            }
             let events = self
                 .trail
                 .query(&filter, after, page)

@@ -51,6 +51,7 @@ impl pb::consent_service_server::ConsentService for ConsentApi {
         let ctx = context(&request)?;
         let mut draft = self.calls.open(&ctx);
         let req = request.into_inner();
+        draft.subject_text(&req.subject_id);
         let result = async {
             let access = self.calls.authorize(&ctx)?;
             let id = convert::subject_id("subject_id", &req.subject_id)
@@ -76,6 +77,7 @@ impl pb::consent_service_server::ConsentService for ConsentApi {
         let ctx = context(&request)?;
         let mut draft = self.calls.open(&ctx);
         let req = request.into_inner();
+        draft.subject_text(&req.subject_id);
         let result = async {
             let access = self.calls.authorize(&ctx)?;
             let id = convert::subject_id("subject_id", &req.subject_id)

@@ -51,6 +51,7 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
         let ctx = context(&request)?;
         let mut draft = self.calls.open(&ctx);
         let req = request.into_inner();
+        draft.subject_text(&req.id);
         let result = async {
             let access = self.calls.authorize(&ctx)?;
             let id = convert::subject_id("id", &req.id)
@@ -75,6 +76,9 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
         let ctx = context(&request)?;
         let mut draft = self.calls.open(&ctx);
         let req = request.into_inner();
+        if let Some(subject) = &req.subject {
+            draft.subject_text(&subject.id);
+        }
         let result = async {
             let access = self.calls.authorize(&ctx)?;
             let subject = req.subject.unwrap_or_default();
@@ -88,7 +92,7 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
                 ));
             }
             // Refused whole, before any value is looked at, when a path is outside the grant.
-            access.check_write(paths.iter().copied())?;
+            access.check_write(paths.iter().copied(), &mut draft)?;
             let changes = convert::subject_changes(&subject, &paths)?;
             let source = convert::source(&req.source)?;
             self.vault
@@ -137,6 +141,9 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
         let ctx = context(&request)?;
         let mut draft = self.calls.open(&ctx);
         let req = request.into_inner();
+        for id in req.ids.iter().take(MAX_BATCH_GET) {
+            draft.subject_text(id);
+        }
         let result = async {
             let access = self.calls.authorize(&ctx)?;
             if req.ids.is_empty() || req.ids.len() > MAX_BATCH_GET {
@@ -203,6 +210,7 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
     ) -> Result<Response<pb::EraseSubjectResponse>, Status> {
         let ctx = context(&request)?;
         let mut draft = self.calls.open(&ctx);
+        draft.subject_text(&request.get_ref().id);
         let result = async {
             let access = self.calls.authorize(&ctx)?;
             let id = convert::subject_id("id", &request.get_ref().id)

@@ -2,7 +2,7 @@
 //! from the policy file (DESIGN.md §2), and the split of a subject's stored paths into what the
 //! caller reads, sees masked, or does not see.
 
-use super::{Caller, DomainError, FieldPath};
+use super::{Caller, DomainError, FieldPath, call::Draft};
 use crate::policy::{Grant, Objection, PathSet, Policy};
 
 /// Longest `x-kluis-reason` accepted: a ticket reference, never a note (it is kept in the audit
@@ -23,6 +23,8 @@ pub struct Access {
     pub purpose: String,
     pub objection: Objection,
     pub grant: Grant,
+    /// Every path the purpose itself grants (to any role).
+    purpose_paths: PathSet,
     require_reason: bool,
     pub reason: Option<String>,
 }
@@ -111,6 +113,7 @@ pub fn authorize(
         purpose: purpose.name.clone(),
         objection: purpose.objection,
         grant: grant.clone(),
+        purpose_paths: purpose.paths,
         require_reason: policy.role(caller.role).require_reason,
         reason,
     })
@@ -141,7 +144,8 @@ impl Access {
 
     /// The paths a read may return: those asked for explicitly (each must be readable or masked
     /// for this caller, else `PermissionDenied` naming them), or everything the grant shows.
-    pub fn readable(&self, asked: &[FieldPath]) -> Result<PathSet, DomainError> {
+    /// A refusal names the paths in the call's audit event too (`denied=…`).
+    pub fn readable(&self, asked: &[FieldPath], draft: &mut Draft) -> Result<PathSet, DomainError> {
         let visible = self.grant.read.union(self.grant.masked);
         if asked.is_empty() {
             return Ok(visible);
@@ -149,6 +153,7 @@ impl Access {
         let asked = PathSet::from_paths(asked.iter().copied());
         let refused = asked.difference(visible);
         if !refused.is_empty() {
+            draft.event.detail = format!("denied={}", path_list(refused).join(","));
             return Err(DomainError::PermissionDenied(format!(
                 "purpose {} does not grant role {} the paths {}",
                 self.purpose,
@@ -163,11 +168,13 @@ impl Access {
     pub fn check_write(
         &self,
         paths: impl IntoIterator<Item = FieldPath>,
+        draft: &mut Draft,
     ) -> Result<(), DomainError> {
         let refused = PathSet::from_paths(paths).difference(self.grant.write);
         if refused.is_empty() {
             Ok(())
         } else {
+            draft.event.detail = format!("denied={}", path_list(refused).join(","));
             Err(DomainError::PermissionDenied(format!(
                 "purpose {} does not let role {} write {}",
                 self.purpose,
@@ -184,14 +191,22 @@ impl Access {
             .intersection(wanted)
             .intersection(self.grant.masked)
             .difference(read);
-        let withheld = stored
-            .difference(self.grant.read)
-            .difference(self.grant.masked);
+        let withheld = self.withheld(stored);
         Visibility {
             read,
             masked,
             withheld,
         }
+    }
+
+    /// The stored paths this caller does not get, limited to the paths its purpose concerns: a
+    /// caller is told what its purpose would cover but its role may not see, not which other data
+    /// the subject has (the mailer learns nothing about a customer's payment or gender paths).
+    pub fn withheld(&self, stored: PathSet) -> PathSet {
+        stored
+            .intersection(self.purpose_paths)
+            .difference(self.grant.read)
+            .difference(self.grant.masked)
     }
 
     /// Whether subjects who objected to the purpose must not be read under it.

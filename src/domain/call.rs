@@ -28,8 +28,20 @@ impl Draft {
         }
     }
 
+    /// Names a subject the call concerns (once, however often it is named).
     pub fn subject(&mut self, id: uuid::Uuid) {
-        self.event.subjects.push(id.to_string());
+        let id = id.to_string();
+        if !self.event.subjects.contains(&id) {
+            self.event.subjects.push(id);
+        }
+    }
+
+    /// Names the subject of a request before anything is decided, so a refused call is found in
+    /// the subject's history too; text that is not a subject id is not recorded.
+    pub fn subject_text(&mut self, text: &str) {
+        if let Ok(id) = uuid::Uuid::parse_str(text.trim()) {
+            self.subject(id);
+        }
     }
 
     pub fn read(&mut self, paths: PathSet) {

@@ -99,7 +99,7 @@ impl Vault {
         source: Option<String>,
         draft: &mut Draft,
     ) -> Result<Shown, DomainError> {
-        access.check_write(fields.keys().copied())?;
+        access.check_write(fields.keys().copied(), draft)?;
         access.require_reason_for_values()?;
         let mut changes: FieldChanges = fields.iter().map(|(p, v)| (*p, Some(v.clone()))).collect();
         normalise_postal_codes(&mut changes, &BTreeMap::new())?;
@@ -169,7 +169,7 @@ impl Vault {
         asked: &[FieldPath],
         draft: &mut Draft,
     ) -> Result<Shown, DomainError> {
-        let wanted = access.readable(asked)?;
+        let wanted = access.readable(asked, draft)?;
         access.require_reason_for_values()?;
         draft.subject(id);
         let row = self.store.subject(id).await?.ok_or(DomainError::NotFound)?;
@@ -177,9 +177,7 @@ impl Vault {
             return Err(objected(&access.purpose));
         }
         let (view, stored) = self.open_row(&row, wanted)?;
-        let withheld = stored
-            .difference(access.grant.read)
-            .difference(access.grant.masked);
+        let withheld = access.withheld(stored);
         draft.withheld(withheld);
         let shown = self.show(access, view, wanted, draft);
         Ok(Shown { withheld, ..shown })
@@ -199,7 +197,7 @@ impl Vault {
                 format!("at most {MAX_BATCH_GET} ids per call"),
             ));
         }
-        let wanted = access.readable(asked)?;
+        let wanted = access.readable(asked, draft)?;
         access.require_reason_for_values()?;
         let rows = self.store.subjects(ids).await?;
         let objected = if access.objectable() {
@@ -218,9 +216,7 @@ impl Vault {
                     Some(Err(e)) => Err(DomainError::from(e.clone())),
                     Some(Ok(_)) if objected.contains(id) => Err(objected_error(&access.purpose)),
                     Some(Ok(row)) => self.open_row(row, wanted).map(|(view, stored)| {
-                        let withheld = stored
-                            .difference(access.grant.read)
-                            .difference(access.grant.masked);
+                        let withheld = access.withheld(stored);
                         draft.withheld(withheld);
                         let shown = self.show(access, view, wanted, draft);
                         Shown { withheld, ..shown }
@@ -279,7 +275,7 @@ impl Vault {
         source: Option<String>,
         draft: &mut Draft,
     ) -> Result<Shown, DomainError> {
-        access.check_write(changes.keys().copied())?;
+        access.check_write(changes.keys().copied(), draft)?;
         access.require_reason_for_values()?;
         draft.subject(id);
         let source = source.unwrap_or_else(|| access.caller.name.clone());
@@ -312,7 +308,7 @@ impl Vault {
             normalise_postal_codes(&mut changes, &stored)?;
             // Normalising may rewrite a postal code the caller did not send (its country changed):
             // that is still a write of the caller, so it must be inside the grant too.
-            access.check_write(changes.keys().copied())?;
+            access.check_write(changes.keys().copied(), draft)?;
 
             let now = now_us();
             let mut replace_index_paths = Vec::new();
@@ -352,11 +348,9 @@ impl Vault {
                 updated_at_us: now,
                 fields,
             };
-            let shown = self.show(access, view, access.readable(&[])?, &mut attempt);
-            let withheld = record
-                .paths()
-                .difference(access.grant.read)
-                .difference(access.grant.masked);
+            let everything = access.grant.read.union(access.grant.masked);
+            let shown = self.show(access, view, everything, &mut attempt);
+            let withheld = access.withheld(record.paths());
             attempt.withheld(withheld);
             match self
                 .store
@@ -402,7 +396,14 @@ impl Vault {
     ) -> Result<i64, DomainError> {
         access.caller.require_operator("EraseSubject")?;
         // Erasing removes every path: only a purpose that lets the role write them all.
-        access.check_write(FieldPath::ALL.iter().copied())?;
+        if access.grant.write != PathSet::all() {
+            draft.event.detail = "denied=erasure".into();
+            return Err(DomainError::PermissionDenied(format!(
+                "erasure needs a purpose that lets role {} write every path (subject-request); \
+                 purpose {} does not",
+                access.caller.role, access.purpose
+            )));
+        }
         draft.subject(id);
         draft.event.detail = "erased".into();
         let at = now_us();
@@ -441,9 +442,9 @@ impl Vault {
             .write_audited(op, draft.committed_record())
             .await?
         {
-            WriteOutcome::Objected { new } => {
+            WriteOutcome::Objected { new, since } => {
                 draft.committed = true;
-                Ok((new, at))
+                Ok((new, since))
             }
             other => Err(DomainError::Internal(format!(
                 "objection answered {other:?}"

@@ -328,9 +328,14 @@ fn categories(
                     } else {
                         format!("in category `{other}`, line {other_line}")
                     };
+                    let what = if leaf.as_str() == text.as_str() {
+                        format!("path `{leaf}` in category `{cat}`")
+                    } else {
+                        format!("path `{leaf}` (of `{text}`) in category `{cat}`")
+                    };
                     report.error(
                         entry.span(),
-                        format!("path `{leaf}` of `{text}` is already {where_}: a path belongs to one category"),
+                        format!("{what} is already {where_}: a path belongs to one category"),
                     );
                 } else {
                     owner.insert(leaf, (cat.clone(), line));
@@ -1015,7 +1020,7 @@ require_reason = true
         assert_one(
             &text,
             18,
-            "path `profile.gender` of `profile.gender` is already in category `profile`, line 17",
+            "path `profile.gender` in category `account` is already in category `profile`, line 17",
         );
     }
 

@@ -288,11 +288,16 @@ pub struct PolicyError {
 
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file, self.line, self.column, self.problem
-        )
+        // Line 0: the file as a whole (it could not be read).
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.problem)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.problem
+            )
+        }
     }
 }
 
@@ -513,14 +518,14 @@ mod tests {
     }
 
     #[test]
-    fn load_reports_an_unreadable_file_at_line_zero() {
+    fn load_reports_an_unreadable_file_as_a_whole() {
         let e = Policy::load(Path::new("/nonexistent/kluis/policy.toml")).unwrap_err();
         assert_eq!(e.0.len(), 1);
         assert_eq!((e.0[0].line, e.0[0].column), (0, 0));
         assert!(e.0[0].problem.starts_with("cannot read the policy file"));
         assert!(
             e.to_string()
-                .starts_with("/nonexistent/kluis/policy.toml:0:0: ")
+                .starts_with("/nonexistent/kluis/policy.toml: cannot read")
         );
     }
 

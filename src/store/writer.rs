@@ -73,9 +73,10 @@ pub enum WriteOutcome {
         version: u64,
     },
     Erased,
-    /// An objection was recorded (`false`: it already was).
+    /// An objection was recorded (`false`: it already was), standing since `since`.
     Objected {
         new: bool,
+        since: i64,
     },
     /// An objection was withdrawn (`false`: there was none).
     Withdrawn {
@@ -391,13 +392,21 @@ macro_rules! apply_one {
                         "INSERT INTO objections (subject_id, purpose, route, created_at) VALUES ($1, $2, $3, $4) \
                          ON CONFLICT (subject_id, purpose) DO NOTHING",
                     )
-                    .bind(idb)
+                    .bind(idb.clone())
                     .bind(purpose.clone())
                     .bind(route.clone())
                     .bind(*at)
                     .execute(&mut *$conn)
                     .await?;
-                    Ok(WriteOutcome::Objected { new: done.rows_affected() == 1 })
+                    // The objection stands from when it was first made.
+                    let since: i64 = sqlx::query_scalar(
+                        "SELECT created_at FROM objections WHERE subject_id = $1 AND purpose = $2",
+                    )
+                    .bind(idb)
+                    .bind(purpose.clone())
+                    .fetch_one(&mut *$conn)
+                    .await?;
+                    Ok(WriteOutcome::Objected { new: done.rows_affected() == 1, since })
                 }
                 WriteOp::WithdrawObjection { id, purpose } => {
                     let idb = id.as_bytes().to_vec();

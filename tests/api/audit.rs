@@ -120,6 +120,10 @@ async fn every_call_is_audited_with_purpose_paths_outcome_and_policy_version() {
         (events[1].outcome.as_str(), events[1].purpose.as_str()),
         ("PERMISSION_DENIED", "account")
     );
+    // A refused read names its subject and what was refused.
+    assert_eq!(events[1].subject_ids, vec![created.id.clone()]);
+    assert_eq!(events[1].detail, "denied=billing.vat_number");
+    assert_eq!(events[2].subject_ids, vec![created.id.clone()]);
     assert_eq!(
         (events[2].outcome.as_str(), events[2].purpose.as_str()),
         ("PERMISSION_DENIED", "marketing")
@@ -142,14 +146,59 @@ async fn every_call_is_audited_with_purpose_paths_outcome_and_policy_version() {
     assert_eq!(history[0].reason, crate::helpers::OPERATOR_REASON);
     assert_eq!(history[0].purpose, "subject-request");
 
-    // Filters: by outcome, and a page at a time.
-    let refused = app
-        .audit_events(pb::QueryAuditLogRequest {
-            outcome: "permission_denied".into(),
-            ..all()
-        })
-        .await;
-    assert_eq!(refused.len(), 2);
+    // Filters: by outcome (in any of its spellings), and a page at a time.
+    for spelling in ["permission_denied", "PermissionDenied", "PERMISSION_DENIED"] {
+        let refused = app
+            .audit_events(pb::QueryAuditLogRequest {
+                outcome: spelling.into(),
+                caller: backend_id.clone(),
+                ..all()
+            })
+            .await;
+        assert_eq!(refused.len(), 2, "{spelling}");
+    }
+    // Filters that could never match are refused, not answered with nothing.
+    for (bad, field) in [
+        (
+            pb::QueryAuditLogRequest {
+                caller: "backend".into(),
+                ..all()
+            },
+            "caller",
+        ),
+        (
+            pb::QueryAuditLogRequest {
+                purpose: "sales".into(),
+                ..all()
+            },
+            "purpose",
+        ),
+        (
+            pb::QueryAuditLogRequest {
+                outcome: "Denied".into(),
+                ..all()
+            },
+            "outcome",
+        ),
+        (
+            pb::QueryAuditLogRequest {
+                start_time: Some(prost_types::Timestamp {
+                    seconds: 20,
+                    nanos: 0,
+                }),
+                end_time: Some(prost_types::Timestamp {
+                    seconds: 10,
+                    nanos: 0,
+                }),
+                ..all()
+            },
+            "end_time",
+        ),
+    ] {
+        let err = app.audit().query_audit_log(bad).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
     let page = app
         .audit()
         .query_audit_log(pb::QueryAuditLogRequest {
