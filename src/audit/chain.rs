@@ -91,6 +91,9 @@ pub enum Break {
     },
     /// The database's chain-head row does not name the last event and its link.
     HeadMismatch { head_seq: i64, last_seq: i64 },
+    /// The per-subject index disagrees with the signed events (rows deleted, added or moved to
+    /// hide or misattribute an event in queries by subject), or claims events past the head.
+    IndexMismatch { seq: i64 },
 }
 
 impl Break {
@@ -107,6 +110,7 @@ impl Break {
             // The first event that is missing.
             Self::Truncated { last_seq, .. } => last_seq.saturating_add(1),
             Self::HeadMismatch { last_seq, .. } => last_seq,
+            Self::IndexMismatch { seq } => seq,
         }
     }
 }
@@ -159,6 +163,11 @@ impl fmt::Display for Break {
                 f,
                 "audit chain head names seq {head_seq} but the chain ends at seq {last_seq} \
                  (or its link differs)"
+            ),
+            Self::IndexMismatch { seq } => write!(
+                f,
+                "audit chain broken at seq {seq}: the per-subject index disagrees with the \
+                 signed event"
             ),
         }
     }

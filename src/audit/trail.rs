@@ -317,21 +317,55 @@ pub async fn verify_chain(
         checkpoints.extend(found.into_iter().map(|cp| (cp, CheckpointSource::File)));
     }
     let mut verifier = Verifier::new(chain_key, public, checkpoints);
+    // The per-subject index is derived, but queries trust it: up to its mark it must say exactly
+    // what the signed events say (their `subjects` column is checked against the body above).
+    let indexed = store.audit_indexed_seq().await.map_err(store_error)?;
+    let (seq, mac) = store.audit_head().await.map_err(store_error)?;
+    if indexed > seq {
+        return Ok(Err(Break::IndexMismatch { seq: seq + 1 }));
+    }
     let mut after = 0i64;
     loop {
         let page = store
             .audit_page(after, VERIFY_PAGE)
             .await
             .map_err(store_error)?;
-        let Some(last) = page.last() else { break };
+        let (Some(first), Some(last)) = (page.first(), page.last()) else {
+            break;
+        };
         after = last.seq;
         for row in &page {
             if let Err(b) = verifier.feed(&stored(row)) {
                 return Ok(Err(b));
             }
         }
+        if first.seq <= indexed {
+            let hi = last.seq.min(indexed);
+            let mut expected: Vec<(i64, String)> = page
+                .iter()
+                .filter(|row| row.seq <= hi)
+                .flat_map(|row| row.subjects.iter().map(move |s| (row.seq, s.clone())))
+                .collect();
+            expected.sort();
+            expected.dedup();
+            let mut found = store
+                .audit_index_rows(first.seq, hi)
+                .await
+                .map_err(store_error)?;
+            found.sort();
+            if found != expected {
+                let seq = expected
+                    .iter()
+                    .zip(&found)
+                    .find(|(a, b)| a != b)
+                    .map(|(a, b)| a.0.min(b.0))
+                    .or_else(|| expected.get(found.len()).map(|e| e.0))
+                    .or_else(|| found.get(expected.len()).map(|f| f.0))
+                    .unwrap_or(first.seq);
+                return Ok(Err(Break::IndexMismatch { seq }));
+            }
+        }
     }
-    let (seq, mac) = store.audit_head().await.map_err(store_error)?;
     let mac = <[u8; 32]>::try_from(mac.as_slice())
         .map_err(|_| AuditError::Decode("audit_head.mac is not 32 bytes".into()))?;
     Ok(verifier.finish(Some((seq, mac))))

@@ -245,6 +245,31 @@ impl Store {
         })
     }
 
+    /// How far the per-subject index is complete.
+    pub async fn audit_indexed_seq(&self) -> Result<i64, StoreError> {
+        Ok(on_pool!(&self.backend, pool => sqlx::query_scalar(
+            "SELECT indexed_seq FROM audit_index_state WHERE id = 1").fetch_one(pool).await)?)
+    }
+
+    /// The per-subject index rows with `lo <= seq <= hi`, as (seq, subject id text), in order.
+    pub async fn audit_index_rows(
+        &self,
+        lo: i64,
+        hi: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let rows: Vec<(i64, Vec<u8>)> = on_pool!(&self.backend, pool => sqlx::query_as(
+            "SELECT seq, subject_id FROM audit_subjects WHERE seq >= $1 AND seq <= $2 ORDER BY seq, subject_id")
+            .bind(lo).bind(hi).fetch_all(pool).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, id)| {
+                let text =
+                    Uuid::from_slice(&id).map_or_else(|_| hex::encode(&id), |u| u.to_string());
+                (seq, text)
+            })
+            .collect())
+    }
+
     /// The chain head: the last appended seq and its link.
     pub async fn audit_head(&self) -> Result<(i64, Vec<u8>), StoreError> {
         Ok(on_pool!(&self.backend, pool => sqlx::query_as(

@@ -612,6 +612,20 @@ async fn the_chain_verifies_after_a_mixed_workload_and_each_kind_of_tampering_is
     //    checkpoint file outside the database still tells.
     let cut = cp.seq - 3;
     exec(&raw, &format!("DELETE FROM audit_events WHERE seq > {cut}")).await;
+    // (A thorough forger also trims the per-subject index and its mark.)
+    exec(
+        &raw,
+        &format!("DELETE FROM audit_subjects WHERE seq > {cut}"),
+    )
+    .await;
+    exec(
+        &raw,
+        &format!(
+            "UPDATE audit_index_state SET indexed_seq = \
+             CASE WHEN indexed_seq > {cut} THEN {cut} ELSE indexed_seq END"
+        ),
+    )
+    .await;
     exec(
         &raw,
         &format!("DELETE FROM audit_checkpoints WHERE seq > {cut}"),
@@ -769,6 +783,31 @@ async fn a_subjects_history_is_complete_before_and_after_the_index_catches_up() 
         again.iter().map(|e| e.seq).collect::<Vec<_>>()[..5],
         events.iter().map(|e| e.seq).collect::<Vec<_>>()[..]
     );
+
+    // The index is checked too: an index row deleted to hide a read from the subject's history
+    // breaks verification at that event.
+    let hidden = events[1].seq;
+    let raw = app.db.raw().await;
+    exec(
+        &raw,
+        &format!("CREATE TABLE index_scratch AS SELECT * FROM audit_subjects WHERE seq = {hidden}"),
+    )
+    .await;
+    exec(
+        &raw,
+        &format!("DELETE FROM audit_subjects WHERE seq = {hidden}"),
+    )
+    .await;
+    let broken = app.trail.verify(&[]).await.unwrap().unwrap_err();
+    assert_eq!(broken.seq(), hidden, "{broken}");
+    assert!(broken.to_string().contains("index"), "{broken}");
+    exec(
+        &raw,
+        "INSERT INTO audit_subjects SELECT * FROM index_scratch",
+    )
+    .await;
+    assert!(app.trail.verify(&[]).await.unwrap().is_ok(), "restored");
+    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -291,6 +291,8 @@ async fn audit_verify_offline_reports_intact_and_then_the_position_of_a_cut() {
     for sql in [
         "DELETE FROM audit_events WHERE seq = 3",
         "DELETE FROM audit_checkpoints",
+        "DELETE FROM audit_subjects WHERE seq = 3",
+        "UPDATE audit_index_state SET indexed_seq = 2 WHERE indexed_seq > 2",
         "UPDATE audit_head SET seq = 2, mac = (SELECT mac FROM audit_events WHERE seq = 2)",
     ] {
         match &raw {
