@@ -42,6 +42,17 @@ fn purpose_field(purpose: &str) -> Result<&str, DomainError> {
     }
 }
 
+/// The subject, purpose and route both consent calls name, parsed at the edge.
+fn objection<'a>(
+    subject_id: &str,
+    purpose: &'a str,
+    route_value: i32,
+) -> Result<(uuid::Uuid, &'a str, ObjectionRoute), DomainError> {
+    let id = convert::subject_id("subject_id", subject_id)
+        .map_err(|v| DomainError::InvalidArgument(vec![v]))?;
+    Ok((id, purpose_field(purpose)?, route(route_value)?))
+}
+
 #[tonic::async_trait]
 impl pb::consent_service_server::ConsentService for ConsentApi {
     async fn object_to_purpose(
@@ -54,10 +65,7 @@ impl pb::consent_service_server::ConsentService for ConsentApi {
         draft.subject_text(&req.subject_id);
         let result = async {
             let access = self.calls.authorize(&ctx)?;
-            let id = convert::subject_id("subject_id", &req.subject_id)
-                .map_err(|v| DomainError::InvalidArgument(vec![v]))?;
-            let purpose = purpose_field(&req.purpose)?;
-            let route = route(req.route)?;
+            let (id, purpose, route) = objection(&req.subject_id, &req.purpose, req.route)?;
             self.vault
                 .object(&access, id, purpose, route, &mut draft)
                 .await
@@ -80,10 +88,7 @@ impl pb::consent_service_server::ConsentService for ConsentApi {
         draft.subject_text(&req.subject_id);
         let result = async {
             let access = self.calls.authorize(&ctx)?;
-            let id = convert::subject_id("subject_id", &req.subject_id)
-                .map_err(|v| DomainError::InvalidArgument(vec![v]))?;
-            let purpose = purpose_field(&req.purpose)?;
-            let route = route(req.route)?;
+            let (id, purpose, route) = objection(&req.subject_id, &req.purpose, req.route)?;
             self.vault
                 .withdraw_objection(&access, id, purpose, route, &mut draft)
                 .await
