@@ -6,6 +6,7 @@
 
 mod explain;
 mod file;
+pub mod lifecycle;
 mod mask;
 pub mod paths;
 mod pathset;
