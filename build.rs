@@ -42,6 +42,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         "proto/kluis/v1/admin.proto",
         "proto/kluis/v1/consent.proto",
         "proto/kluis/v1/audit.proto",
+        "proto/kluis/v1/retention.proto",
     ];
 
     let mut config = tonic_prost_build::Config::new();

@@ -17,10 +17,11 @@ use zeroize::Zeroizing;
 use crate::{
     api,
     audit::{AuditTrail, CheckpointSettings},
+    clock::Clock,
     config::ServeArgs,
     crypto::RootKey,
     domain::{
-        Callers, Vault,
+        Callers, Retention, RetentionSettings, Vault,
         keys::{KeyringError, open_audit_keys, open_keyring},
     },
     policy::{Policy, PolicyErrors},
@@ -60,6 +61,7 @@ pub struct Application {
     local_addr: SocketAddr,
     store: Store,
     vault: Arc<Vault>,
+    retention: Arc<Retention>,
     callers: Arc<Callers>,
     calls: api::Calls,
     failures: Arc<api::FailedAuthentications>,
@@ -67,6 +69,11 @@ pub struct Application {
 
 impl Application {
     pub async fn build(args: &ServeArgs) -> Result<Self, StartupError> {
+        Self::build_with_clock(args, Clock::system()).await
+    }
+
+    /// Builds with a given clock (tests pass an adjustable one to jump years ahead).
+    pub async fn build_with_clock(args: &ServeArgs, clock: Clock) -> Result<Self, StartupError> {
         let data_dir = &args.storage.data_dir;
         fs::DirBuilder::new()
             .recursive(true)
@@ -111,12 +118,29 @@ impl Application {
             tracing::info!(path = %token_file.display(), "first operator token written (mode 0600)");
         }
 
-        let vault = Arc::new(Vault::new(store.clone(), keyring, policy.clone()));
+        let vault = Arc::new(Vault::new(
+            store.clone(),
+            keyring,
+            policy.clone(),
+            clock.clone(),
+        ));
+        let retention = Arc::new(Retention::new(
+            store.clone(),
+            policy.clone(),
+            clock.clone(),
+            trail.clone(),
+            retention_settings(args),
+        ));
+        retention.spawn_sweeper();
         let failures = api::FailedAuthentications::new(
             trail.clone(),
             std::time::Duration::from_secs(args.audit.auth_failure_window_seconds.max(1)),
         );
-        let calls = api::Calls { policy, trail };
+        let calls = api::Calls {
+            policy,
+            trail,
+            clock,
+        };
         let listener =
             TcpListener::bind(args.listen)
                 .await
@@ -135,10 +159,16 @@ impl Application {
             local_addr,
             store,
             vault,
+            retention,
             callers,
             calls,
             failures,
         })
+    }
+
+    /// The retention engine of this instance.
+    pub fn retention(&self) -> &Arc<Retention> {
+        &self.retention
     }
 
     /// The audit trail of this instance.
@@ -166,6 +196,7 @@ impl Application {
         let result = api::serve(
             self.listener,
             self.vault,
+            self.retention,
             self.callers,
             self.calls,
             self.failures,
@@ -183,10 +214,33 @@ impl Application {
     }
 }
 
+/// The retention engine on the database in `args`, for `kluis retention sweep` (no server, no
+/// background tasks); with its store, to close once done.
+pub async fn open_retention(args: &ServeArgs) -> Result<(Arc<Retention>, Store), StartupError> {
+    let policy = Arc::new(load_policy(args)?);
+    let store = Store::open(&args.storage.database_url()).await?;
+    let trail = open_audit_trail_on(args, store.clone()).await?;
+    let retention = Arc::new(Retention::new(
+        store.clone(),
+        policy,
+        Clock::system(),
+        trail,
+        retention_settings(args),
+    ));
+    Ok((retention, store))
+}
+
 /// The audit trail of the database in `args`, for offline verification (no server, no tasks).
 pub async fn open_audit_trail(args: &ServeArgs) -> Result<Arc<AuditTrail>, StartupError> {
-    let policy = load_policy(args)?;
     let store = Store::open(&args.storage.database_url()).await?;
+    open_audit_trail_on(args, store).await
+}
+
+async fn open_audit_trail_on(
+    args: &ServeArgs,
+    store: Store,
+) -> Result<Arc<AuditTrail>, StartupError> {
+    let policy = load_policy(args)?;
     let root = load_root_key(args, &store).await?;
     open_keyring(&store, &root).await?;
     let keys = open_audit_keys(&store, &root).await?;
@@ -198,6 +252,18 @@ pub async fn open_audit_trail(args: &ServeArgs) -> Result<Arc<AuditTrail>, Start
         policy.version().to_owned(),
         checkpoint_settings(args),
     ))
+}
+
+/// The retention engine's settings from the configuration.
+pub fn retention_settings(args: &ServeArgs) -> RetentionSettings {
+    let r = &args.retention;
+    RetentionSettings {
+        close_tolerance: std::time::Duration::from_secs(r.close_tolerance_seconds),
+        sweep_interval: (r.sweep_seconds > 0)
+            .then(|| std::time::Duration::from_secs(r.sweep_seconds)),
+        sweep_rate: r.sweep_rate,
+        sweep_batch: r.sweep_batch.max(1),
+    }
 }
 
 /// When the audit trail signs checkpoints, and the file outside the database that receives them.

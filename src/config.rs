@@ -40,6 +40,53 @@ pub struct ServeArgs {
     pub policy: Option<PathBuf>,
     #[command(flatten)]
     pub audit: AuditArgs,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+/// Settings of the retention engine.
+#[derive(Clone, Debug, Args)]
+pub struct RetentionArgs {
+    /// The background sweeper looks for due paths at least this often (and as soon as one falls
+    /// due); 0 switches it off (then run `kluis retention sweep` from a timer).
+    #[arg(
+        long = "retention-sweep-seconds",
+        env = "KLUIS_RETENTION_SWEEP_SECONDS",
+        default_value_t = 60
+    )]
+    pub sweep_seconds: u64,
+    /// Subjects per second the background sweeper purges at most (0: no limit).
+    #[arg(
+        long = "retention-sweep-rate",
+        env = "KLUIS_RETENTION_SWEEP_RATE",
+        default_value_t = 2500
+    )]
+    pub sweep_rate: u32,
+    /// Subjects per sweep batch (committed together).
+    #[arg(
+        long = "retention-sweep-batch",
+        env = "KLUIS_RETENTION_SWEEP_BATCH",
+        default_value_t = 250
+    )]
+    pub sweep_batch: u32,
+    /// How far in the future a close event's time may lie (clock skew between systems).
+    #[arg(
+        long = "retention-close-tolerance-seconds",
+        env = "KLUIS_RETENTION_CLOSE_TOLERANCE_SECONDS",
+        default_value_t = 300
+    )]
+    pub close_tolerance_seconds: u64,
+}
+
+impl Default for RetentionArgs {
+    fn default() -> Self {
+        Self {
+            sweep_seconds: 60,
+            sweep_rate: 2500,
+            sweep_batch: 250,
+            close_tolerance_seconds: 300,
+        }
+    }
 }
 
 /// Settings of the audit trail.
@@ -105,6 +152,7 @@ impl ServeArgs {
             key_file: None,
             policy: None,
             audit: AuditArgs::default(),
+            retention: RetentionArgs::default(),
         }
     }
 

@@ -1,5 +1,5 @@
-//! The `kluis` command: serve, health, migrate, token, policy, audit. Wiring only; the work is in
-//! the library.
+//! The `kluis` command: serve, health, migrate, token, policy, audit, retention. Wiring only; the
+//! work is in the library.
 
 use std::{net::SocketAddr, process::ExitCode, sync::Arc};
 
@@ -54,6 +54,31 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Purge what lost its last legal basis now (against the database; a running kluis may keep
+    /// serving meanwhile).
+    Retention {
+        #[command(subcommand)]
+        command: RetentionCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RetentionCommand {
+    /// Erase every due field path of every due subject (crypto-shredding subjects nothing keeps),
+    /// each with its audit event; or with --dry-run only count what would go.
+    Sweep {
+        #[command(flatten)]
+        args: ServeArgs,
+        /// Change nothing; print what a sweep would purge.
+        #[arg(long)]
+        dry_run: bool,
+        /// Subjects at most (0: every due subject).
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+        /// Subjects per second at most (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
     },
 }
 
@@ -158,6 +183,55 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         Command::Token { command } => token(command).await,
         Command::Policy { command } => policy(command),
         Command::Audit { command } => audit(command).await,
+        Command::Retention { command } => retention(command).await,
+    }
+}
+
+async fn retention(command: RetentionCommand) -> Result<ExitCode, String> {
+    match command {
+        RetentionCommand::Sweep {
+            args,
+            dry_run,
+            limit,
+            rate,
+        } => {
+            let (engine, store) = kluis::app::open_retention(&args)
+                .await
+                .map_err(|e| e.to_string())?;
+            let started = std::time::Instant::now();
+            let options = kluis::domain::retention::SweepOptions {
+                dry_run,
+                rate,
+                batch: engine.settings().sweep_batch,
+                limit,
+            };
+            let result = engine.sweep(options).await;
+            store.close().await;
+            let stats = result.map_err(|e| e.to_string())?;
+            let verb = if dry_run { "would purge" } else { "purged" };
+            println!(
+                "{} due subjects visited in {:.1} s: {verb} paths of {}, {} crypto-shredded{}",
+                stats.subjects_visited,
+                started.elapsed().as_secs_f64(),
+                stats.subjects_purged,
+                stats.subjects_shredded,
+                if dry_run {
+                    " (dry run: nothing changed)"
+                } else {
+                    ""
+                }
+            );
+            for (path, n) in &stats.paths {
+                println!("  {path}: {n}");
+            }
+            if stats.skipped > 0 || stats.failed > 0 {
+                println!(
+                    "{} subjects changed meanwhile and {} failed (see the log): the next sweep takes them",
+                    stats.skipped, stats.failed
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

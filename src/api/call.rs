@@ -12,11 +12,11 @@ use super::{
 };
 use crate::{
     audit::{AuditEvent, AuditTrail, FORMAT_VERSION},
+    clock::Clock,
     domain::{
         DomainError,
         access::{self, Access},
         call::Draft,
-        now_us,
     },
     policy::Policy,
 };
@@ -26,6 +26,8 @@ use crate::{
 pub struct Calls {
     pub policy: Arc<Policy>,
     pub trail: Arc<AuditTrail>,
+    /// Event times come from the instance's clock (tests move it forward).
+    pub clock: Clock,
 }
 
 impl Calls {
@@ -33,7 +35,7 @@ impl Calls {
     pub fn open(&self, ctx: &RequestContext) -> Draft {
         Draft::new(AuditEvent {
             v: FORMAT_VERSION,
-            at_us: now_us(),
+            at_us: self.clock.now_us(),
             method: ctx.method.clone(),
             caller: ctx.caller.id.clone(),
             role: ctx.caller.role.as_str().to_owned(),

@@ -420,7 +420,7 @@ fn activity_log(list: &[pb::ActivityEntry]) -> Result<Option<FieldValue>, Vec<Vi
 }
 
 /// Years 1 to 9999, as google.protobuf.Timestamp allows.
-fn timestamp(ts: Option<&Timestamp>) -> Result<Option<i64>, &'static str> {
+pub fn timestamp(ts: Option<&Timestamp>) -> Result<Option<i64>, &'static str> {
     let Some(ts) = ts else { return Ok(None) };
     if !(-62_135_596_800..=253_402_300_799).contains(&ts.seconds)
         || !(0..1_000_000_000).contains(&ts.nanos)

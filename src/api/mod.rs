@@ -7,6 +7,7 @@ mod call;
 mod consent;
 mod convert;
 pub mod pb;
+mod retention;
 mod status;
 mod subject;
 
@@ -18,7 +19,7 @@ use tonic::transport::Server;
 pub use auth::{FailedAuthentications, RequestContext};
 pub use call::Calls;
 
-use crate::domain::{Callers, Vault};
+use crate::domain::{Callers, Retention, Vault};
 
 /// Largest request message kluis decodes; a larger one is refused by the transport with
 /// `OUT_OF_RANGE` before any handler runs.
@@ -31,6 +32,7 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 pub async fn serve(
     listener: TcpListener,
     vault: Arc<Vault>,
+    retention: Arc<Retention>,
     callers: Arc<Callers>,
     calls: Calls,
     failures: Arc<FailedAuthentications>,
@@ -48,6 +50,9 @@ pub async fn serve(
         .await;
     health
         .set_serving::<pb::audit_service_server::AuditServiceServer<audit::AuditApi>>()
+        .await;
+    health
+        .set_serving::<pb::retention_service_server::RetentionServiceServer<retention::RetentionApi>>()
         .await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -86,6 +91,10 @@ pub async fn serve(
         calls.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let retention = pb::retention_service_server::RetentionServiceServer::new(
+        retention::RetentionApi::new(retention, calls.clone()),
+    )
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
     Server::builder()
         // Bounds the calls one connection can have in flight (and the memory they hold); a client
@@ -99,6 +108,7 @@ pub async fn serve(
         .add_service(admin)
         .add_service(consent)
         .add_service(audit)
+        .add_service(retention)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
         .map_err(|e| ServeError(e.to_string()))

@@ -52,7 +52,7 @@ pub fn recordable_reason(declared: &Declared) -> String {
 
 /// A reason is a reference (`TICKET-1234`, `jira:PRIV-7`, `#4411`): a letter or digit, then up to
 /// 63 of letters, digits and `. _ : # / -`. No spaces, so no names or sentences.
-fn parse_reason(reason: &str) -> Result<String, DomainError> {
+pub(crate) fn parse_reason(reason: &str) -> Result<String, DomainError> {
     let reason = reason.trim();
     let mut chars = reason.chars();
     let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
@@ -69,6 +69,31 @@ fn parse_reason(reason: &str) -> Result<String, DomainError> {
         ));
     }
     Ok(reason.to_owned())
+}
+
+/// Longest processing-record reference (an invoice number, a contract, account or service id).
+pub const MAX_REFERENCE_CHARS: usize = 128;
+
+/// A processing record's reference: an identifier of the caller's system (`INV-2026-0042`,
+/// `contract:881`), a letter or digit then letters, digits and `. _ : # / -`. No spaces or `@`, so
+/// no names or e-mail addresses (references appear in the audit trail).
+pub fn parse_reference(reference: &str) -> Result<String, DomainError> {
+    let reference = reference.trim();
+    let mut chars = reference.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '#' | '/' | '-'))
+        && reference.len() <= MAX_REFERENCE_CHARS;
+    if !ok {
+        return Err(DomainError::invalid(
+            "reference",
+            format!(
+                "an identifier: a letter or digit, then letters, digits and . _ : # / - \
+                 ({MAX_REFERENCE_CHARS} at most, no spaces)"
+            ),
+        ));
+    }
+    Ok(reference.to_owned())
 }
 
 /// Decides whether `caller` may act under the declared purpose.

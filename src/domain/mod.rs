@@ -7,6 +7,7 @@ mod error;
 pub mod keys;
 pub use crate::policy::paths;
 pub mod record;
+pub mod retention;
 pub mod values;
 pub mod vault;
 
@@ -14,6 +15,7 @@ pub use callers::{Caller, CallerInfo, Callers, Role};
 pub use error::{DomainError, Violation};
 pub use paths::FieldPath;
 pub use record::{ActivityRecord, FieldChanges, FieldValue, IpRecord, StoredField};
+pub use retention::{Retention, RetentionSettings};
 pub use vault::{LookupKey, SubjectView, Vault};
 
 pub use crate::clock::now_us;

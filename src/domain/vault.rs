@@ -9,14 +9,18 @@ use super::{
     DomainError, FieldChanges, FieldPath, FieldValue, StoredField, Violation,
     access::Access,
     call::Draft,
-    now_us,
     paths::IndexKind,
     record::{RecordError, SealedRecord, index_key, new_subject_id},
     values,
 };
 use crate::{
+    clock::Clock,
     crypto::{CryptoError, FieldCipher, Keyring, SecretKey, WrappedKey},
-    policy::{Objection, PathSet, Policy, Role, mask_text},
+    policy::{
+        Objection, PathSet, Policy, Role,
+        lifecycle::{Mark, PathState},
+        mask_text,
+    },
     store::{IndexEntry, Store, StoreError, SubjectRow, WriteOp, WriteOutcome},
 };
 
@@ -79,15 +83,56 @@ pub struct Vault {
     store: Store,
     keyring: Arc<Keyring>,
     policy: Arc<Policy>,
+    clock: Clock,
 }
 
 impl Vault {
-    pub fn new(store: Store, keyring: Arc<Keyring>, policy: Arc<Policy>) -> Self {
+    pub fn new(store: Store, keyring: Arc<Keyring>, policy: Arc<Policy>, clock: Clock) -> Self {
         Self {
             store,
             keyring,
             policy,
+            clock,
         }
+    }
+
+    /// The paths of a subject that do not exist for this caller: those its retention state keeps
+    /// only for a legal retention the caller's role and purpose may not read (DESIGN.md §2).
+    fn hidden(&self, access: &Access, retention: Option<&[u8]>) -> Result<PathSet, DomainError> {
+        let Some(bytes) = retention else {
+            return Ok(PathSet::EMPTY);
+        };
+        let mark = Mark::decode(bytes)
+            .map_err(|e| DomainError::Internal(format!("retention state: {e}")))?;
+        Ok(mark.hidden(
+            &self.policy,
+            access.caller.role,
+            &access.purpose,
+            self.clock.now_us(),
+        ))
+    }
+
+    /// Opens what the caller may see of a row: `NotFound` when retention hides every stored path
+    /// the caller could otherwise see (to it the subject is gone).
+    fn open_visible(
+        &self,
+        access: &Access,
+        row: &SubjectRow,
+        wanted: PathSet,
+        draft: &mut Draft,
+    ) -> Result<Shown, DomainError> {
+        let hidden = self.hidden(access, row.retention.as_deref())?;
+        let (view, stored) = self.open_row(row, wanted.difference(hidden))?;
+        let visible = stored.difference(hidden);
+        if !stored.intersection(hidden).is_empty()
+            && visible.intersection(access.grant.visible()).is_empty()
+        {
+            return Err(DomainError::NotFound);
+        }
+        let withheld = access.withheld(visible);
+        draft.withheld(withheld);
+        let shown = self.show(access, view, wanted.difference(hidden), draft);
+        Ok(Shown { withheld, ..shown })
     }
 
     /// Creates a subject holding `fields` (every path inside the caller's write grant); returns
@@ -109,7 +154,7 @@ impl Vault {
             }
         }
         let source = source.unwrap_or_else(|| access.caller.name.clone());
-        let now = now_us();
+        let now = self.clock.now_us();
         let id = new_subject_id();
         let dek_id = Uuid::new_v4();
         let dek = SecretKey::random()?;
@@ -132,6 +177,8 @@ impl Vault {
             version: 1,
             created_at: now,
             updated_at: now,
+            retention: None,
+            retention_version: 0,
         };
         let fields: BTreeMap<FieldPath, StoredField> = fields
             .into_iter()
@@ -176,11 +223,7 @@ impl Vault {
         if access.objectable() && self.store.objected(id, &access.purpose).await? {
             return Err(objected(&access.purpose));
         }
-        let (view, stored) = self.open_row(&row, wanted)?;
-        let withheld = access.withheld(stored);
-        draft.withheld(withheld);
-        let shown = self.show(access, view, wanted, draft);
-        Ok(Shown { withheld, ..shown })
+        self.open_visible(access, &row, wanted, draft)
     }
 
     /// Reads several subjects; one result per id, in the order asked, each found or not.
@@ -215,12 +258,7 @@ impl Vault {
                     None => Err(DomainError::NotFound),
                     Some(Err(e)) => Err(DomainError::from(e.clone())),
                     Some(Ok(_)) if objected.contains(id) => Err(objected_error(&access.purpose)),
-                    Some(Ok(row)) => self.open_row(row, wanted).map(|(view, stored)| {
-                        let withheld = access.withheld(stored);
-                        draft.withheld(withheld);
-                        let shown = self.show(access, view, wanted, draft);
-                        Shown { withheld, ..shown }
-                    }),
+                    Some(Ok(row)) => self.open_visible(access, row, wanted, draft),
                 };
                 (*id, result)
             })
@@ -250,10 +288,20 @@ impl Vault {
         let (_, digest) = self
             .keyring
             .blind_index(key.path.as_str(), &index_key(key.path, &key.value));
-        let mut ids = self
+        let found = self
             .store
             .find(key.path.as_str(), &digest, MAX_FIND_RESULTS)
             .await?;
+        // A subject whose matched path retention hides from the caller is not there for it.
+        let mut ids = Vec::with_capacity(found.len());
+        for f in found {
+            if !self
+                .hidden(access, f.retention.as_deref())?
+                .contains(key.path)
+            {
+                ids.push(f.id);
+            }
+        }
         if access.objectable() {
             let objected = self.store.objected_among(&access.purpose, &ids).await?;
             ids.retain(|id| !objected.contains(id));
@@ -301,6 +349,8 @@ impl Vault {
             let cipher = self.cipher(&row)?;
             let mut record =
                 SealedRecord::decode_blob(&row.record).map_err(|e| data_loss(id, e))?;
+            let hidden = self.hidden(access, row.retention.as_deref())?;
+            check_not_hidden(access, id, &changes, record.paths(), hidden)?;
             let mut changes = changes.clone();
             let stored = record
                 .open(&cipher, POSTAL_DEPENDENCIES)
@@ -310,7 +360,7 @@ impl Vault {
             // that is still a write of the caller, so it must be inside the grant too.
             access.check_write(changes.keys().copied(), draft)?;
 
-            let now = now_us();
+            let now = self.clock.now_us();
             let mut replace_index_paths = Vec::new();
             let mut add_index = Vec::new();
             for (path, change) in &changes {
@@ -332,6 +382,7 @@ impl Vault {
                 updated_at: now,
                 replace_index_paths,
                 add_index,
+                retention_due: written_due(row.retention.as_deref(), &changes, now)?,
             };
             // The committed event lists what this attempt writes and what the answer shows.
             let mut attempt = draft.clone();
@@ -348,9 +399,9 @@ impl Vault {
                 updated_at_us: now,
                 fields,
             };
-            let everything = access.grant.read.union(access.grant.masked);
+            let everything = access.grant.visible().difference(hidden);
             let shown = self.show(access, view, everything, &mut attempt);
-            let withheld = access.withheld(record.paths());
+            let withheld = access.withheld(record.paths().difference(hidden));
             attempt.withheld(withheld);
             match self
                 .store
@@ -406,7 +457,7 @@ impl Vault {
         }
         draft.subject(id);
         draft.event.detail = "erased".into();
-        let at = now_us();
+        let at = self.clock.now_us();
         self.store
             .write_audited(WriteOp::Erase { id, at }, draft.committed_record())
             .await?;
@@ -430,7 +481,7 @@ impl Vault {
         let target = self.objectable_purpose(purpose)?;
         check_route(access, route)?;
         draft.event.detail = format!("objection={target} route={}", route.as_str());
-        let at = now_us();
+        let at = self.clock.now_us();
         let op = WriteOp::Object {
             id,
             purpose: target,
@@ -591,6 +642,56 @@ impl Vault {
             digest,
         })
     }
+}
+
+/// An update may not touch what retention hides from the caller: `NotFound` when it hides every
+/// stored path, else `FailedPrecondition` naming the path (a legally retained value is never
+/// overwritten by a caller that may not even read it).
+fn check_not_hidden(
+    access: &Access,
+    id: Uuid,
+    changes: &FieldChanges,
+    stored: PathSet,
+    hidden: PathSet,
+) -> Result<(), DomainError> {
+    if hidden.is_empty() {
+        return Ok(());
+    }
+    if !stored.intersection(hidden).is_empty()
+        && stored
+            .difference(hidden)
+            .intersection(access.grant.visible())
+            .is_empty()
+    {
+        return Err(DomainError::NotFound);
+    }
+    if let Some(path) = changes.keys().find(|p| hidden.contains(**p)) {
+        return Err(DomainError::FailedPrecondition(format!(
+            "subject {id}: {} is kept only for a legal retention and cannot be changed under purpose {}",
+            path.as_str(),
+            access.purpose
+        )));
+    }
+    Ok(())
+}
+
+/// `Some(now)` when the update stores a path that is already due (every record granting it past
+/// its retention, no hold): the sweeper, which would not visit the subject again on its own,
+/// erases it at its next sweep (DESIGN.md §2).
+fn written_due(
+    retention: Option<&[u8]>,
+    changes: &FieldChanges,
+    now: i64,
+) -> Result<Option<i64>, DomainError> {
+    let Some(bytes) = retention else {
+        return Ok(None);
+    };
+    let mark =
+        Mark::decode(bytes).map_err(|e| DomainError::Internal(format!("retention state: {e}")))?;
+    let due = changes.iter().any(|(path, change)| {
+        change.is_some() && matches!(mark.state(*path, now), PathState::Due { held: false, .. })
+    });
+    Ok(due.then_some(now))
 }
 
 /// The operator route is for operators only.

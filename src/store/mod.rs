@@ -6,6 +6,7 @@
 
 mod audit;
 mod reader;
+mod retention;
 mod writer;
 
 use std::{
@@ -22,7 +23,8 @@ use sqlx::{
 use uuid::Uuid;
 
 pub use audit::{AUDIT_INDEX_BATCH, AuditFilter, AuditRecord, ChainLinker, StoredAuditEvent};
-pub use writer::{WriteOp, WriteOutcome};
+pub use retention::{HoldRow, MarkedSubject, RecordRow};
+pub use writer::{RecordChange, WriteOp, WriteOutcome};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -104,6 +106,10 @@ pub struct SubjectRow {
     pub version: u64,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The subject's derived retention state (`policy::lifecycle::Mark`), None without records.
+    pub retention: Option<Vec<u8>>,
+    /// Bumped by every change of the subject's records and holds (compare-and-set).
+    pub retention_version: i64,
 }
 
 #[derive(sqlx::FromRow)]
@@ -116,6 +122,8 @@ struct RawSubjectRow {
     version: i64,
     created_at: i64,
     updated_at: i64,
+    retention: Option<Vec<u8>>,
+    retention_version: i64,
 }
 
 impl TryFrom<RawSubjectRow> for SubjectRow {
@@ -131,6 +139,8 @@ impl TryFrom<RawSubjectRow> for SubjectRow {
             version: u64::try_from(r.version).map_err(|_| StoreError::Corrupt("version".into()))?,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            retention: r.retention,
+            retention_version: r.retention_version,
         })
     }
 }
@@ -178,6 +188,13 @@ fn create_private_file(path: &std::path::Path) -> Result<(), StoreError> {
 
 fn uuid_from(bytes: &[u8]) -> Result<Uuid, StoreError> {
     Uuid::from_slice(bytes).map_err(|_| StoreError::Corrupt("uuid column".into()))
+}
+
+/// A subject a lookup found, with its retention state (reads hide what it restricts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub id: Uuid,
+    pub retention: Option<Vec<u8>>,
 }
 
 /// One blind-index entry of a subject.
@@ -452,7 +469,7 @@ impl Store {
         path: &'static str,
         digest: &[u8; 32],
         limit: u32,
-    ) -> Result<Vec<Uuid>, StoreError> {
+    ) -> Result<Vec<Found>, StoreError> {
         self.reader.find(path, *digest, limit).await
     }
 

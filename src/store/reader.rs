@@ -11,14 +11,14 @@ use std::{collections::HashMap, sync::Arc};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{Backend, RawSubjectRow, StoreError, SubjectRow, on_pool, uuid_from};
+use super::{Backend, Found, RawSubjectRow, StoreError, SubjectRow, on_pool, uuid_from};
 
 const MAX_BATCH: usize = 64;
 /// Batches in flight at once per kind of read (each holds one pooled connection while it runs).
 const WORKERS: usize = 3;
 
 type SubjectReply = oneshot::Sender<Result<Option<SubjectRow>, StoreError>>;
-type FindReply = oneshot::Sender<Result<Vec<Uuid>, StoreError>>;
+type FindReply = oneshot::Sender<Result<Vec<Found>, StoreError>>;
 
 struct FindRequest {
     path: &'static str,
@@ -59,7 +59,7 @@ impl ReadCoalescer {
         path: &'static str,
         digest: [u8; 32],
         limit: u32,
-    ) -> Result<Vec<Uuid>, StoreError> {
+    ) -> Result<Vec<Found>, StoreError> {
         let (reply, answer) = oneshot::channel();
         let request = FindRequest {
             path,
@@ -128,8 +128,8 @@ pub(super) async fn subjects_by_id(
     }
     let raws: Vec<RawSubjectRow> = on_pool!(backend, pool => {
         let mut q = sqlx::QueryBuilder::new(
-            "SELECT id, dek_id, kek_version, wrapped_dek, record, version, created_at, updated_at \
-             FROM subjects WHERE id IN (",
+            "SELECT id, dek_id, kek_version, wrapped_dek, record, version, created_at, updated_at, \
+             retention, retention_version FROM subjects WHERE id IN (",
         );
         let mut list = q.separated(", ");
         for id in ids {
@@ -172,12 +172,13 @@ async fn find_worker(backend: Backend, rx: Arc<Mutex<mpsc::Receiver<FindRequest>
 }
 
 /// One query for every lookup of the batch: a UNION ALL of per-lookup subqueries, so each keeps
-/// its own LIMIT. Returns the ids per request index.
+/// its own LIMIT. Returns the subjects (with their retention state) per request index.
 async fn find_many(
     backend: &Backend,
     requests: &[FindRequest],
-) -> Result<HashMap<usize, Vec<Uuid>>, StoreError> {
-    let rows: Vec<(i64, Vec<u8>)> = on_pool!(backend, pool => {
+) -> Result<HashMap<usize, Vec<Found>>, StoreError> {
+    type Row = (i64, Vec<u8>, Option<Vec<u8>>);
+    let rows: Vec<Row> = on_pool!(backend, pool => {
         let mut q = sqlx::QueryBuilder::new("");
         // Not padded like the id lists: a repeated lookup is a whole subquery of real work.
         for (i, r) in requests.iter().enumerate() {
@@ -185,25 +186,28 @@ async fn find_many(
                 q.push(" UNION ALL ");
             }
             q.push(format!(
-                "SELECT k, subject_id FROM (SELECT CAST({i} AS BIGINT) AS k, subject_id FROM blind_index \
-                 WHERE path = "
+                "SELECT k, subject_id, retention FROM (SELECT CAST({i} AS BIGINT) AS k, b.subject_id, \
+                 s.retention FROM blind_index b JOIN subjects s ON s.id = b.subject_id WHERE b.path = "
             ));
             q.push_bind(r.path);
-            q.push(" AND digest = ");
+            q.push(" AND b.digest = ");
             q.push_bind(r.digest.to_vec());
-            q.push(" ORDER BY subject_id LIMIT ");
+            q.push(" ORDER BY b.subject_id LIMIT ");
             q.push_bind(i64::from(r.limit));
             q.push(format!(") AS t{i}"));
         }
-        q.build_query_as::<(i64, Vec<u8>)>().fetch_all(pool).await
+        q.build_query_as::<Row>().fetch_all(pool).await
     })?;
-    let mut out: HashMap<usize, Vec<Uuid>> = HashMap::new();
-    for (k, id) in rows {
+    let mut out: HashMap<usize, Vec<Found>> = HashMap::new();
+    for (k, id, retention) in rows {
         let k = usize::try_from(k).map_err(|_| StoreError::Corrupt("lookup index".into()))?;
-        out.entry(k).or_default().push(uuid_from(&id)?);
+        out.entry(k).or_default().push(Found {
+            id: uuid_from(&id)?,
+            retention,
+        });
     }
-    for ids in out.values_mut() {
-        ids.sort_unstable();
+    for found in out.values_mut() {
+        found.sort_unstable_by_key(|f| f.id);
     }
     Ok(out)
 }

@@ -16,7 +16,9 @@ use uuid::Uuid;
 
 use std::sync::{Arc, OnceLock};
 
-use super::{AuditRecord, Backend, ChainLinker, IndexEntry, StoreError, SubjectRow, on_pool};
+use super::{
+    AuditRecord, Backend, ChainLinker, IndexEntry, StoreError, SubjectRow, on_pool, uuid_from,
+};
 
 /// Largest number of requests committed in one transaction.
 const MAX_BATCH: usize = 256;
@@ -39,6 +41,9 @@ pub enum WriteOp {
         /// Indexed paths whose entries are replaced (deleted, then `add_index` inserted).
         replace_index_paths: Vec<&'static str>,
         add_index: Vec<IndexEntry>,
+        /// Brings the subject's retention due time forward to this (a path written that is
+        /// already past its retention: the next sweep erases it).
+        retention_due: Option<i64>,
     },
     Erase {
         id: Uuid,
@@ -56,12 +61,71 @@ pub enum WriteOp {
         id: Uuid,
         purpose: String,
     },
+    /// A change of a subject's processing records or holds with the retention state derived from
+    /// the result, applied only if the subject's `retention_version` is still `expected_version`.
+    RetentionChange {
+        subject: Uuid,
+        expected_version: i64,
+        mark: Vec<u8>,
+        due: Option<i64>,
+        change: RecordChange,
+    },
+    /// Removes due paths from a subject's record (and their index entries), if neither the subject
+    /// (`read_version`) nor its records and holds (`retention_version`) changed since planned.
+    Purge {
+        id: Uuid,
+        read_version: u64,
+        retention_version: i64,
+        record: Vec<u8>,
+        updated_at: i64,
+        remove_index_paths: Vec<&'static str>,
+        mark: Vec<u8>,
+        due: Option<i64>,
+    },
+    /// Crypto-shreds a subject nothing keeps any longer (same checks as `Purge`): its row with the
+    /// wrapped data key, index entries, objections, records and released holds.
+    Shred {
+        id: Uuid,
+        read_version: u64,
+        retention_version: i64,
+        at: i64,
+    },
     /// A new caller and its token hash.
     InsertCaller(super::CallerRow),
     /// Sets a caller's `revoked_at` once.
     RevokeCaller {
         id: String,
         at: i64,
+    },
+}
+
+/// The record or hold change a [`WriteOp::RetentionChange`] makes.
+#[derive(Debug)]
+pub enum RecordChange {
+    /// A new record; `Duplicate` if `(purpose, reference)` exists.
+    Open {
+        purpose: String,
+        reference: String,
+        at: i64,
+        by: String,
+    },
+    /// Closes an open record; `NotFound` if it is not open (any more).
+    Close {
+        purpose: String,
+        reference: String,
+        event: String,
+        at: i64,
+        by: String,
+    },
+    PlaceHold(super::HoldRow),
+    /// Nothing but the new state and due time (a sweep found nothing due yet).
+    Reschedule,
+    /// Releases a hold in force; `NotFound` if it is not.
+    ReleaseHold {
+        id: String,
+        at: i64,
+        by: String,
+        reason: String,
     },
 }
 
@@ -82,6 +146,15 @@ pub enum WriteOutcome {
     Withdrawn {
         existed: bool,
     },
+    /// A record or hold changed; the subject's retention state is now at `version`.
+    RetentionChanged {
+        version: i64,
+    },
+    /// Due paths were removed; the subject is now at `version`.
+    Purged {
+        version: u64,
+    },
+    Shredded,
     CallerInserted,
     /// `false`: no such caller; revoking a revoked caller keeps its first time.
     CallerRevoked {
@@ -291,6 +364,178 @@ macro_rules! bulk_create {
     }};
 }
 
+/// Deletes what refers to an erased or shredded subject: objections, processing records, holds.
+macro_rules! forget_subject {
+    ($conn:expr, $idb:expr) => {
+        async {
+            for table in ["objections", "processing_records", "legal_holds"] {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DELETE FROM {table} WHERE subject_id = $1"
+                )))
+                .bind($idb.clone())
+                .execute(&mut *$conn)
+                .await?;
+            }
+            Ok::<(), StoreError>(())
+        }
+        .await
+    };
+}
+
+/// Why a compare-and-set on a subject matched no row: it is gone (`NotFound`) or changed
+/// (`VersionMismatch` with its retention version).
+macro_rules! retention_conflict {
+    ($conn:expr, $idb:expr) => {
+        match sqlx::query_scalar::<_, i64>("SELECT retention_version FROM subjects WHERE id = $1")
+            .bind($idb.clone())
+            .fetch_optional(&mut *$conn)
+            .await
+        {
+            Ok(Some(v)) => StoreError::VersionMismatch {
+                actual: v.max(0) as u64,
+            },
+            Ok(None) => StoreError::NotFound,
+            Err(e) => StoreError::from(e),
+        }
+    };
+}
+
+/// Applies the `Purge` and `Shred` ops at `indexes` of `ops` with one statement per table, each
+/// compare-and-set on the subject's version and retention version; the ids that applied.
+macro_rules! bulk_sweep {
+    ($conn:expr, $ops:expr, $indexes:expr) => {{
+        async {
+            let mut purges = Vec::new();
+            let mut shreds = Vec::new();
+            for &i in $indexes.iter() {
+                match $ops[i] {
+                    Some(op @ WriteOp::Purge { .. }) => purges.push(op),
+                    Some(op @ WriteOp::Shred { .. }) => shreds.push(op),
+                    _ => {}
+                }
+            }
+            let mut applied: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
+            // Index entries to delete: (path, digest, subject id).
+            let mut gone: Vec<(String, Vec<u8>, Vec<u8>)> = Vec::new();
+            if !purges.is_empty() {
+                let mut q = sqlx::QueryBuilder::new(
+                    "UPDATE subjects SET record = v.column2, version = version + 1, updated_at = v.column3, \
+                     retention = v.column4, retention_due = v.column5, retention_version = retention_version + 1 \
+                     FROM (",
+                );
+                q.push_values(purges.iter(), |mut b, op| {
+                    if let WriteOp::Purge { id, read_version, retention_version, record, updated_at, mark, due, .. } = op {
+                        b.push_bind(id.as_bytes().to_vec())
+                            .push_bind(record.clone())
+                            .push_bind(*updated_at)
+                            .push_bind(mark.clone())
+                            .push_bind(*due)
+                            .push_bind(*read_version as i64)
+                            .push_bind(*retention_version);
+                    }
+                });
+                q.push(
+                    ") AS v WHERE subjects.id = v.column1 AND subjects.version = v.column6 \
+                     AND subjects.retention_version = v.column7 RETURNING id, index_keys",
+                );
+                let rows: Vec<(Vec<u8>, Vec<u8>)> = q.build_query_as().fetch_all(&mut *$conn).await?;
+                // New index_keys of the subjects that lost indexed paths.
+                let mut rekeyed: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+                for (idb, keys) in rows {
+                    let id = uuid_from(&idb)?;
+                    applied.insert(id);
+                    let remove = purges.iter().find_map(|op| match op {
+                        WriteOp::Purge { id: pid, remove_index_paths, .. } if *pid == id => Some(remove_index_paths),
+                        _ => None,
+                    });
+                    let Some(remove) = remove.filter(|r| !r.is_empty()) else { continue };
+                    let (removed, kept): (Vec<StoredIndexKey>, Vec<StoredIndexKey>) = decode_index_keys(&keys)?
+                        .into_iter()
+                        .partition(|k| remove.contains(&k.path.as_str()));
+                    if removed.is_empty() {
+                        continue;
+                    }
+                    gone.extend(removed.into_iter().map(|k| (k.path, k.digest, idb.clone())));
+                    rekeyed.push((idb, encode_stored_keys(&kept)));
+                }
+                if !rekeyed.is_empty() {
+                    let mut q = sqlx::QueryBuilder::new("UPDATE subjects SET index_keys = v.column2 FROM (");
+                    q.push_values(rekeyed.iter(), |mut b, (idb, keys)| {
+                        b.push_bind(idb.clone()).push_bind(keys.clone());
+                    });
+                    q.push(") AS v WHERE subjects.id = v.column1");
+                    q.build().execute(&mut *$conn).await?;
+                }
+            }
+            if !shreds.is_empty() {
+                let mut q = sqlx::QueryBuilder::new(
+                    "DELETE FROM subjects WHERE (id, version, retention_version) IN (",
+                );
+                q.push_values(shreds.iter(), |mut b, op| {
+                    if let WriteOp::Shred { id, read_version, retention_version, .. } = op {
+                        b.push_bind(id.as_bytes().to_vec())
+                            .push_bind(*read_version as i64)
+                            .push_bind(*retention_version);
+                    }
+                });
+                q.push(") RETURNING id, index_keys");
+                let rows: Vec<(Vec<u8>, Vec<u8>)> = q.build_query_as().fetch_all(&mut *$conn).await?;
+                let mut shredded: Vec<(Vec<u8>, i64)> = Vec::new();
+                for (idb, keys) in rows {
+                    let id = uuid_from(&idb)?;
+                    applied.insert(id);
+                    for k in decode_index_keys(&keys)? {
+                        gone.push((k.path, k.digest, idb.clone()));
+                    }
+                    let at = shreds.iter().find_map(|op| match op {
+                        WriteOp::Shred { id: sid, at, .. } if *sid == id => Some(*at),
+                        _ => None,
+                    }).unwrap_or_default();
+                    shredded.push((idb, at));
+                }
+                if !shredded.is_empty() {
+                    let mut q = sqlx::QueryBuilder::new("INSERT INTO erased_subjects (id, erased_at) ");
+                    q.push_values(shredded.iter(), |mut b, (idb, at)| {
+                        b.push_bind(idb.clone()).push_bind(*at);
+                    });
+                    q.build().execute(&mut *$conn).await?;
+                    for table in ["objections", "processing_records", "legal_holds"] {
+                        let mut q = sqlx::QueryBuilder::new(format!("DELETE FROM {table} WHERE subject_id IN ("));
+                        let mut list = q.separated(", ");
+                        for (idb, _) in &shredded {
+                            list.push_bind(idb.clone());
+                        }
+                        q.push(")");
+                        q.build().execute(&mut *$conn).await?;
+                    }
+                }
+            }
+            if !gone.is_empty() {
+                // An OR of primary-key matches: SQLite searches the key per term, whereas a
+                // row-value IN over a VALUES list made it scan the whole index.
+                for chunk in gone.chunks(250) {
+                    let mut q = sqlx::QueryBuilder::new("DELETE FROM blind_index WHERE ");
+                    for (n, (path, digest, idb)) in chunk.iter().enumerate() {
+                        if n > 0 {
+                            q.push(" OR ");
+                        }
+                        q.push("(path = ");
+                        q.push_bind(path.clone());
+                        q.push(" AND digest = ");
+                        q.push_bind(digest.clone());
+                        q.push(" AND subject_id = ");
+                        q.push_bind(idb.clone());
+                        q.push(")");
+                    }
+                    q.build().execute(&mut *$conn).await?;
+                }
+            }
+            Ok::<_, StoreError>(applied)
+        }
+        .await
+    }};
+}
+
 /// Applies one op inside the current savepoint.
 macro_rules! apply_one {
     ($conn:expr, $op:expr) => {{
@@ -307,6 +552,7 @@ macro_rules! apply_one {
                     updated_at,
                     replace_index_paths,
                     add_index,
+                    retention_due,
                 } => {
                     let idb = id.as_bytes().to_vec();
                     // The version-checked UPDATE comes first: once it changed the row, this
@@ -360,6 +606,16 @@ macro_rules! apply_one {
                             .await
                             .map_err(unique_violation)?;
                     }
+                    if let Some(due) = retention_due {
+                        sqlx::query(
+                            "UPDATE subjects SET retention_due = $1 \
+                             WHERE id = $2 AND (retention_due IS NULL OR retention_due > $1)",
+                        )
+                        .bind(*due)
+                        .bind(idb.clone())
+                        .execute(&mut *$conn)
+                        .await?;
+                    }
                     Ok(WriteOutcome::Updated { version: read_version + 1 })
                 }
                 WriteOp::Erase { id, at } => {
@@ -379,11 +635,156 @@ macro_rules! apply_one {
                         .bind(*at)
                         .execute(&mut *$conn)
                         .await?;
-                    sqlx::query("DELETE FROM objections WHERE subject_id = $1")
-                        .bind(idb)
+                    forget_subject!($conn, idb)?;
+                    Ok(WriteOutcome::Erased)
+                }
+                WriteOp::RetentionChange { subject, expected_version, mark, due, change } => {
+                    let idb = subject.as_bytes().to_vec();
+                    let done = sqlx::query(
+                        "UPDATE subjects SET retention = $1, retention_due = $2, \
+                         retention_version = retention_version + 1 WHERE id = $3 AND retention_version = $4",
+                    )
+                    .bind(mark.clone())
+                    .bind(*due)
+                    .bind(idb.clone())
+                    .bind(*expected_version)
+                    .execute(&mut *$conn)
+                    .await?;
+                    if done.rows_affected() != 1 {
+                        return Err(retention_conflict!($conn, idb));
+                    }
+                    match change {
+                        RecordChange::Open { purpose, reference, at, by } => {
+                            let done = sqlx::query(
+                                "INSERT INTO processing_records (purpose, reference, subject_id, opened_at, opened_by) \
+                                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (purpose, reference) DO NOTHING",
+                            )
+                            .bind(purpose.clone())
+                            .bind(reference.clone())
+                            .bind(idb.clone())
+                            .bind(*at)
+                            .bind(by.clone())
+                            .execute(&mut *$conn)
+                            .await?;
+                            if done.rows_affected() != 1 {
+                                return Err(StoreError::Duplicate { path: "processing record".into() });
+                            }
+                        }
+                        RecordChange::Close { purpose, reference, event, at, by } => {
+                            let done = sqlx::query(
+                                "UPDATE processing_records SET closed_at = $1, close_event = $2, closed_by = $3 \
+                                 WHERE purpose = $4 AND reference = $5 AND subject_id = $6 AND closed_at IS NULL",
+                            )
+                            .bind(*at)
+                            .bind(event.clone())
+                            .bind(by.clone())
+                            .bind(purpose.clone())
+                            .bind(reference.clone())
+                            .bind(idb.clone())
+                            .execute(&mut *$conn)
+                            .await?;
+                            if done.rows_affected() != 1 {
+                                return Err(StoreError::NotFound);
+                            }
+                        }
+                        RecordChange::PlaceHold(hold) => {
+                            sqlx::query(
+                                "INSERT INTO legal_holds (id, subject_id, purpose, reference, reason, placed_at, placed_by) \
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                            )
+                            .bind(hold.id.clone())
+                            .bind(idb.clone())
+                            .bind(hold.purpose.clone())
+                            .bind(hold.reference.clone())
+                            .bind(hold.reason.clone())
+                            .bind(hold.placed_at)
+                            .bind(hold.placed_by.clone())
+                            .execute(&mut *$conn)
+                            .await?;
+                        }
+                        RecordChange::Reschedule => {}
+                        RecordChange::ReleaseHold { id, at, by, reason } => {
+                            let done = sqlx::query(
+                                "UPDATE legal_holds SET released_at = $1, released_by = $2, release_reason = $3 \
+                                 WHERE id = $4 AND subject_id = $5 AND released_at IS NULL",
+                            )
+                            .bind(*at)
+                            .bind(by.clone())
+                            .bind(reason.clone())
+                            .bind(id.clone())
+                            .bind(idb.clone())
+                            .execute(&mut *$conn)
+                            .await?;
+                            if done.rows_affected() != 1 {
+                                return Err(StoreError::NotFound);
+                            }
+                        }
+                    }
+                    Ok(WriteOutcome::RetentionChanged { version: expected_version + 1 })
+                }
+                WriteOp::Purge { id, read_version, retention_version, record, updated_at, remove_index_paths, mark, due } => {
+                    let idb = id.as_bytes().to_vec();
+                    let done = sqlx::query(
+                        "UPDATE subjects SET record = $1, version = version + 1, updated_at = $2, retention = $3, \
+                         retention_due = $4, retention_version = retention_version + 1 \
+                         WHERE id = $5 AND version = $6 AND retention_version = $7",
+                    )
+                    .bind(record.clone())
+                    .bind(*updated_at)
+                    .bind(mark.clone())
+                    .bind(*due)
+                    .bind(idb.clone())
+                    .bind(*read_version as i64)
+                    .bind(*retention_version)
+                    .execute(&mut *$conn)
+                    .await?;
+                    if done.rows_affected() != 1 {
+                        return Err(retention_conflict!($conn, idb));
+                    }
+                    if !remove_index_paths.is_empty() {
+                        let keys: Vec<u8> = sqlx::query_scalar("SELECT index_keys FROM subjects WHERE id = $1")
+                            .bind(idb.clone())
+                            .fetch_one(&mut *$conn)
+                            .await?;
+                        let (removed, kept): (Vec<StoredIndexKey>, Vec<StoredIndexKey>) = decode_index_keys(&keys)?
+                            .into_iter()
+                            .partition(|k| remove_index_paths.contains(&k.path.as_str()));
+                        for old in removed {
+                            delete_index_entry!($conn, &old, &idb)?;
+                        }
+                        sqlx::query("UPDATE subjects SET index_keys = $1 WHERE id = $2")
+                            .bind(encode_stored_keys(&kept))
+                            .bind(idb.clone())
+                            .execute(&mut *$conn)
+                            .await?;
+                    }
+                    Ok(WriteOutcome::Purged { version: read_version + 1 })
+                }
+                WriteOp::Shred { id, read_version, retention_version, at } => {
+                    let idb = id.as_bytes().to_vec();
+                    let keys: Vec<u8> = match sqlx::query_scalar(
+                        "DELETE FROM subjects WHERE id = $1 AND version = $2 AND retention_version = $3 \
+                         RETURNING index_keys",
+                    )
+                    .bind(idb.clone())
+                    .bind(*read_version as i64)
+                    .bind(*retention_version)
+                    .fetch_optional(&mut *$conn)
+                    .await?
+                    {
+                        Some(keys) => keys,
+                        None => return Err(retention_conflict!($conn, idb)),
+                    };
+                    for old in decode_index_keys(&keys)? {
+                        delete_index_entry!($conn, &old, &idb)?;
+                    }
+                    sqlx::query("INSERT INTO erased_subjects (id, erased_at) VALUES ($1, $2)")
+                        .bind(idb.clone())
+                        .bind(*at)
                         .execute(&mut *$conn)
                         .await?;
-                    Ok(WriteOutcome::Erased)
+                    forget_subject!($conn, idb)?;
+                    Ok(WriteOutcome::Shredded)
                 }
                 WriteOp::Object { id, purpose, route, at } => {
                     let idb = id.as_bytes().to_vec();
@@ -557,9 +958,44 @@ async fn try_commit_batch(
             }
         }
 
+        // Fast path: a sweep's purges and shreds, a few statements per batch instead of several
+        // per subject; each still applies only if its subject did not change since planned.
+        let sweeps: Vec<usize> = ops
+            .iter()
+            .enumerate()
+            .filter_map(|(i, op)| matches!(op, Some(WriteOp::Purge { .. } | WriteOp::Shred { .. })).then_some(i))
+            .collect();
+        let mut sweeps_done = false;
+        if sweeps.len() > 1 {
+            sqlx::query("SAVEPOINT bulk").execute(&mut *tx).await?;
+            match bulk_sweep!(&mut *tx, &ops, &sweeps) {
+                Ok(applied) => {
+                    sqlx::query("RELEASE SAVEPOINT bulk").execute(&mut *tx).await?;
+                    for &i in &sweeps {
+                        results[i] = Some(match ops[i] {
+                            Some(WriteOp::Purge { id, read_version, .. }) if applied.contains(id) => {
+                                Ok(WriteOutcome::Purged { version: read_version + 1 })
+                            }
+                            Some(WriteOp::Shred { id, .. }) if applied.contains(id) => Ok(WriteOutcome::Shredded),
+                            // Changed (or gone) since planned: the next sweep plans it again.
+                            _ => Err(StoreError::VersionMismatch { actual: 0 }),
+                        });
+                    }
+                    sweeps_done = true;
+                }
+                Err(_) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT bulk").execute(&mut *tx).await?;
+                    sqlx::query("RELEASE SAVEPOINT bulk").execute(&mut *tx).await?;
+                }
+            }
+        }
+
         for (i, op) in ops.iter().enumerate() {
             let Some(op) = op else { continue };
             if creates_done && matches!(op, WriteOp::Create { .. }) {
+                continue;
+            }
+            if sweeps_done && matches!(op, WriteOp::Purge { .. } | WriteOp::Shred { .. }) {
                 continue;
             }
             sqlx::query("SAVEPOINT one").execute(&mut *tx).await?;

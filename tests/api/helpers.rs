@@ -15,8 +15,11 @@ use kluis::{
     Application, ServeArgs,
     api::pb::{
         self, admin_service_client::AdminServiceClient, audit_service_client::AuditServiceClient,
-        consent_service_client::ConsentServiceClient, subject_service_client::SubjectServiceClient,
+        consent_service_client::ConsentServiceClient,
+        retention_service_client::RetentionServiceClient,
+        subject_service_client::SubjectServiceClient,
     },
+    clock::Clock,
 };
 use sqlx::{Connection, Executor};
 use tonic::{
@@ -277,6 +280,7 @@ pub type Subjects = SubjectServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Consent = ConsentServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Audit = AuditServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Retention = RetentionServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A running kluis on 127.0.0.1:0 with its operator token.
 pub struct TestApp {
@@ -285,6 +289,8 @@ pub struct TestApp {
     pub db: Arc<TestDb>,
     pub store: kluis::store::Store,
     pub trail: Arc<kluis::audit::AuditTrail>,
+    /// The server's clock: `advance_us` jumps it ahead (retention tests jump years).
+    pub clock: Clock,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), kluis::StartupError>>>,
     channel: Channel,
@@ -312,7 +318,10 @@ pub async fn spawn_with(db: Arc<TestDb>, configure: impl FnOnce(&mut ServeArgs))
     init_logs();
     let mut args = serve_args(&db);
     configure(&mut args);
-    let app = Application::build(&args).await.unwrap();
+    let clock = Clock::adjustable();
+    let app = Application::build_with_clock(&args, clock.clone())
+        .await
+        .unwrap();
     let addr = app.local_addr();
     let store = app.store().clone();
     let trail = app.audit_trail().clone();
@@ -335,6 +344,7 @@ pub async fn spawn_with(db: Arc<TestDb>, configure: impl FnOnce(&mut ServeArgs))
         db,
         store,
         trail,
+        clock,
         shutdown: Some(tx),
         task: Some(task),
         channel,
@@ -379,6 +389,19 @@ impl TestApp {
             self.channel.clone(),
             Self::bearer(Some(token), Some(purpose), None),
         )
+    }
+
+    /// RetentionService with `token` under `purpose` (operators: `subject-request` with a reason).
+    pub fn retention_under(&self, token: &str, purpose: &str) -> Retention {
+        RetentionServiceClient::with_interceptor(
+            self.channel.clone(),
+            Self::bearer(Some(token), Some(purpose), Some(OPERATOR_REASON)),
+        )
+    }
+
+    /// RetentionService as the first operator, under `subject-request`.
+    pub fn retention(&self) -> Retention {
+        self.retention_under(&self.operator_token.clone(), OPERATOR_PURPOSE)
     }
 
     /// AuditService as the first operator.

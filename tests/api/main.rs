@@ -7,6 +7,7 @@ mod cli;
 mod helpers;
 mod operations;
 mod policy;
+mod retention;
 mod security;
 mod subjects;
 mod validation;
