@@ -33,6 +33,13 @@
 //! target/release/kluis-bench --addr 10.0.0.5:50051 --token kluis_… --seed 10000
 //! ```
 //!
+//! `--sweep N` adds the retention benchmark: N subjects, each with an order record completed seven
+//! years and a day ago (so every path is due), are swept alone by the `Sweep` RPC at full speed
+//! (target: 100,000 in ≤ 30 s); then N more are swept at the background sweeper's default rate and
+//! batch (`at_background_rate`, the code the background sweeper runs) while the closed-loop `get`
+//! runs (targets: ≥ 2,000 subjects/s purged while get keeps ≥ 70 % of its rate without the sweep).
+//! The spawned server's background sweeper is switched off for this, so nothing is swept early.
+//!
 //! A PostgreSQL database that already has a root key needs `KLUIS_ROOT_KEY` (the spawned server
 //! inherits the environment) and, when it already has callers, `--token`.
 
@@ -53,7 +60,10 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use kluis::api::pb::{self, subject_service_client::SubjectServiceClient};
+use kluis::api::pb::{
+    self, retention_service_client::RetentionServiceClient,
+    subject_service_client::SubjectServiceClient,
+};
 use tonic::{
     Request, Status,
     metadata::{Ascii, MetadataValue},
@@ -137,6 +147,10 @@ struct Cli {
     /// The scenario measured in fixed-rate mode.
     #[arg(long, value_enum, default_value_t = Scenario::Get)]
     rate_scenario: Scenario,
+    /// Also measure the retention sweep with this many due subjects per part (0: skip); needs a
+    /// spawned server and seeded subjects for `get`.
+    #[arg(long, default_value_t = 0)]
+    sweep: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -261,6 +275,11 @@ fn validate(cli: &Cli) -> Result<(), BoxError> {
     }
     let needs_seed = (cli.mode.closed() && cli.scenarios.iter().any(|s| s.needs_seed()))
         || (cli.mode.rate() && cli.rate_scenario.needs_seed());
+    if cli.sweep > 0 && (cli.addr.is_some() || cli.seed == 0) {
+        return Err(fail(
+            "--sweep needs a spawned server (no --addr) and --seed 1 or more (for get)",
+        ));
+    }
     if needs_seed && cli.seed == 0 {
         return Err(fail(
             "get and find need seeded subjects: use --seed 1 or more",
@@ -399,6 +418,13 @@ async fn bench(
         }
     }
 
+    if cli.sweep > 0 {
+        retention_bench(cli, &conns, &ctx, run_id).await?;
+        if let Some(s) = server.as_deref_mut() {
+            s.check_alive()?;
+        }
+    }
+
     if let Some(s) = server.as_deref() {
         report.rss_end = proc_memory(s.pid());
     }
@@ -432,11 +458,13 @@ impl Interceptor for Bearer {
 }
 
 type Subjects = SubjectServiceClient<InterceptedService<Channel, Bearer>>;
+type RetentionClient = RetentionServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// The clients of one HTTP/2 connection; cloning shares the connection.
 #[derive(Clone)]
 struct Conn {
     subjects: Subjects,
+    retention: RetentionClient,
     health: HealthClient<Channel>,
 }
 
@@ -471,6 +499,7 @@ async fn connect(
             .map_err(|e| fail(format!("cannot connect to {uri}: {e}")))?;
         conns.push(Conn {
             subjects: SubjectServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            retention: RetentionServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             health: HealthClient::new(channel),
         });
     }
@@ -979,6 +1008,271 @@ async fn seed(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Retention
+// ---------------------------------------------------------------------------------------------
+
+/// Creates `n` subjects (every path set), each with an order record; then closes every record so
+/// that its seven years run out at one moment after the closes (each close is timed in the past, as
+/// a billing system registering old orders would). Returns how many and when they fall due.
+/// Records are closed only after every subject exists, and `extra` seconds are added to the
+/// margin, so nothing falls due while seeding (a close that is due at once purges before it
+/// answers, which would bypass the sweep being measured).
+async fn seed_due(
+    conns: &[Conn],
+    n: u64,
+    concurrency: usize,
+    run_id: &str,
+    first: u64,
+    extra: Duration,
+) -> Result<(u64, SystemTime), BoxError> {
+    eprintln!("seeding {n} subjects with an open order record ...");
+    let started = Instant::now();
+    let opened = run_parallel(conns, n, concurrency, {
+        let run_id = run_id.to_owned();
+        move |mut conn: Conn, k: u64| {
+            let run_id = run_id.clone();
+            async move {
+                let id = create(&mut conn, first + k, &run_id).await?;
+                conn.retention
+                    .open_processing(pb::OpenProcessingRequest {
+                        subject_id: id,
+                        purpose: "order".into(),
+                        reference: format!("bench-{run_id}-{}", first + k),
+                    })
+                    .await
+                    .map_err(status_text)?;
+                Ok(())
+            }
+        }
+    })
+    .await?;
+    // Closing is cheaper than creating: the margin covers the closes, then `extra`.
+    let margin = started.elapsed() + Duration::from_secs(10) + extra;
+    let due_at = SystemTime::now() + margin;
+    let seven_years =
+        kluis::policy::Period::parse("P7Y").ok_or_else(|| fail("P7Y does not parse"))?;
+    let due_us = i64::try_from(due_at.duration_since(UNIX_EPOCH)?.as_micros())?;
+    // The close time whose seven years end at `due_us` (one correction for leap days).
+    let mut at_us = due_us - 7 * 365 * 86_400_000_000;
+    at_us += due_us - seven_years.after(at_us);
+    let at = prost_types::Timestamp {
+        seconds: at_us.div_euclid(1_000_000),
+        nanos: i32::try_from(at_us.rem_euclid(1_000_000) * 1000)?,
+    };
+    eprintln!(
+        "closing {opened} order records (due in {:.0}s) ...",
+        margin.as_secs_f64()
+    );
+    let closed = run_parallel(conns, opened, concurrency, {
+        let run_id = run_id.to_owned();
+        move |mut conn: Conn, k: u64| {
+            let reference = format!("bench-{run_id}-{}", first + k);
+            async move {
+                conn.retention
+                    .close_processing(pb::CloseProcessingRequest {
+                        purpose: "order".into(),
+                        reference,
+                        event: "order_completed".into(),
+                        at: Some(at),
+                    })
+                    .await
+                    .map_err(status_text)?;
+                Ok(())
+            }
+        }
+    })
+    .await?;
+    if SystemTime::now() >= due_at {
+        return Err(fail(
+            "seeding took longer than its margin: records fell due while closing",
+        ));
+    }
+    eprintln!(
+        "seeded {closed} subjects with a completed order in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok((closed, due_at))
+}
+
+/// Runs `job(conn, k)` for k in 0..n on `concurrency` tasks; the number that succeeded. More than
+/// 1 % failures fail the run.
+async fn run_parallel<F, Fut>(
+    conns: &[Conn],
+    n: u64,
+    concurrency: usize,
+    job: F,
+) -> Result<u64, BoxError>
+where
+    F: Fn(Conn, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(concurrency);
+    for t in 0..concurrency {
+        let conn = conns[t % conns.len()].clone();
+        let counter = counter.clone();
+        let job = job.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut failed, mut first_error) = (0u64, 0u64, None);
+            loop {
+                let k = counter.fetch_add(1, Ordering::Relaxed);
+                if k >= n {
+                    break;
+                }
+                match job(conn.clone(), k).await {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        failed += 1;
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            (ok, failed, first_error)
+        }));
+    }
+    let (mut ok, mut failed, mut first_error) = (0, 0, None);
+    for task in tasks {
+        let (o, f, e) = task.await?;
+        ok += o;
+        failed += f;
+        if first_error.is_none() {
+            first_error = e;
+        }
+    }
+    if failed * 100 > n {
+        return Err(fail(format!(
+            "{failed} of {n} failed; first: {}",
+            first_error.unwrap_or_default()
+        )));
+    }
+    Ok(ok)
+}
+
+/// Waits until `at`.
+async fn sleep_until(at: SystemTime) {
+    if let Ok(wait) = at.duration_since(SystemTime::now()) {
+        eprintln!(
+            "  waiting {:.1}s until the records fall due ...",
+            wait.as_secs_f64()
+        );
+        tokio::time::sleep(wait + Duration::from_millis(100)).await;
+    }
+}
+
+/// One `Sweep` call; its answer and how long it took.
+async fn sweep_once(
+    conn: &Conn,
+    at_background_rate: bool,
+) -> Result<(pb::SweepResponse, f64), BoxError> {
+    let started = Instant::now();
+    let mut request = Request::new(pb::SweepRequest {
+        dry_run: false,
+        limit: 0,
+        at_background_rate,
+    });
+    request.set_timeout(Duration::from_secs(600));
+    let answer = conn
+        .retention
+        .clone()
+        .sweep(request)
+        .await
+        .map_err(|s| fail(status_text(s)))?
+        .into_inner();
+    Ok((answer, started.elapsed().as_secs_f64()))
+}
+
+/// The retention benchmark of `--sweep` (see the module documentation).
+async fn retention_bench(
+    cli: &Cli,
+    conns: &[Conn],
+    ctx: &Arc<Context>,
+    run_id: &str,
+) -> Result<(), BoxError> {
+    let n = cli.sweep;
+    let base = 10_000_000;
+    // Part 1: the sweep alone.
+    let (seeded, due_at) =
+        seed_due(conns, n, cli.concurrency, run_id, base, Duration::ZERO).await?;
+    sleep_until(due_at).await;
+    eprintln!("  sweep alone: Sweep at full speed ...");
+    let (alone, alone_secs) = sweep_once(&conns[0], false).await?;
+    let alone_gone = alone.subjects_purged + alone.subjects_shredded;
+    let alone_rate = alone_gone as f64 / alone_secs;
+
+    // Part 2: get alone, then get while the sweep runs at the background sweeper's rate.
+    let warmup = Duration::from_secs_f64(cli.warmup);
+    let duration = Duration::from_secs_f64(cli.duration);
+    let (seeded2, due_at) = seed_due(
+        conns,
+        n,
+        cli.concurrency,
+        run_id,
+        base + n,
+        warmup + duration + Duration::from_secs(2),
+    )
+    .await?;
+    let get_alone =
+        closed_loop(Scenario::Get, conns, ctx, cli.concurrency, warmup, duration).await?;
+    sleep_until(due_at).await;
+    let sweeper_conn = conns[0].clone();
+    let sweep_task = tokio::spawn(async move { sweep_once(&sweeper_conn, true).await });
+    let get_during =
+        closed_loop(Scenario::Get, conns, ctx, cli.concurrency, warmup, duration).await?;
+    let sweep_still_running = !sweep_task.is_finished();
+    let (under_load, load_secs) = sweep_task.await??;
+    let load_gone = under_load.subjects_purged + under_load.subjects_shredded;
+    let load_rate = load_gone as f64 / load_secs;
+    let get_alone_rate = get_alone.ok() as f64 / cli.duration;
+    let get_during_rate = get_during.ok() as f64 / cli.duration;
+    let kept = 100.0 * get_during_rate / get_alone_rate.max(1.0);
+
+    println!();
+    println!(
+        "retention sweep alone: {seeded} due subjects seeded, {alone_gone} swept (purged {}, shredded {}, skipped {}, failed {}) in {alone_secs:.1}s = {alone_rate:.0} subjects/s",
+        alone.subjects_purged,
+        alone.subjects_shredded,
+        alone.subjects_skipped,
+        alone.subjects_failed
+    );
+    println!(
+        "retention sweep under get load (background rate and batch): {seeded2} seeded, {load_gone} swept (skipped {}, failed {}) in {load_secs:.1}s = {load_rate:.0} subjects/s; get {get_alone_rate:.0}/s without the sweep, {get_during_rate:.0}/s during it ({kept:.1} %){}",
+        under_load.subjects_skipped,
+        under_load.subjects_failed,
+        if sweep_still_running {
+            ""
+        } else {
+            " — NOTE: the sweep ended before the get measurement did"
+        }
+    );
+    let alone_target = seeded >= 100_000;
+    println!(
+        "target 100,000 due subjects swept in <= 30 s: {}",
+        if alone_target {
+            met(
+                alone_secs <= 30.0 * (seeded as f64 / 100_000.0),
+                format!("{alone_secs:.1} s for {alone_gone}"),
+            )
+        } else {
+            format!("not measured at that size ({seeded} subjects; pass --sweep 100000)")
+        }
+    );
+    println!(
+        "target sweep under load >= 2,000 subjects/s: {}",
+        met(load_rate >= 2000.0, format!("{load_rate:.0}/s"))
+    );
+    println!(
+        "target get keeps >= 70 % during the sweep: {}",
+        met(kept >= 70.0, format!("{kept:.1} %"))
+    );
+    Ok(())
+}
+
+/// A target's verdict with the measured figure.
+fn met(ok: bool, measured: String) -> String {
+    format!("{} ({measured})", if ok { "OK" } else { "MISSED" })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------------------------
 
@@ -1252,6 +1546,11 @@ impl ServerGuard {
             .arg("--listen")
             .arg(&listen)
             .env("KLUIS_LOG", "warn")
+            // --sweep measures sweeps it starts itself: nothing may be swept before.
+            .env(
+                "KLUIS_RETENTION_SWEEP_SECONDS",
+                if cli.sweep > 0 { "0" } else { "60" },
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
