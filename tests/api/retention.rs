@@ -1500,3 +1500,183 @@ async fn retention_calls_leave_no_personal_value_in_logs_or_audit_events() {
         }
     }
 }
+
+/// The `kluis` binary on `db` (its data dir, and its PostgreSQL database in PostgreSQL mode).
+fn kluis_binary(db: &TestDb) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kluis"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("KLUIS_DATA_DIR", db.data_dir())
+        .env("KLUIS_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    if crate::helpers::postgres_mode() {
+        cmd.env("KLUIS_DATABASE_URL", &db.url);
+    }
+    cmd
+}
+
+/// `kluis serve` on a free port with the background sweeper every second at `rate` subjects/s.
+fn serve_sweeping(db: &TestDb, rate: &str) -> std::process::Child {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    kluis_binary(db)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("KLUIS_RETENTION_SWEEP_SECONDS", "1")
+        .env("KLUIS_RETENTION_SWEEP_RATE", rate)
+        .env("KLUIS_RETENTION_SWEEP_BATCH", "5")
+        .spawn()
+        .unwrap()
+}
+
+const SWEEP_EVENTS: &str = "SELECT COUNT(*) FROM audit_events \
+     WHERE method IN ('kluis.retention/Purge', 'kluis.retention/Shred')";
+const SWEPT_SUBJECTS: &str = "SELECT COUNT(DISTINCT subjects) FROM audit_events \
+     WHERE method IN ('kluis.retention/Purge', 'kluis.retention/Shred')";
+
+/// Polls `sql` until it counts at least `at_least`; the last count.
+async fn wait_for_count(db: &TestDb, sql: &'static str, at_least: i64, within: Duration) -> i64 {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let raw = db.raw().await;
+        let n = raw.count_all(sql).await;
+        raw.close().await;
+        if n >= at_least || std::time::Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweeper_killed_mid_sweep_resumes_with_nothing_purged_twice_or_skipped() {
+    const N: i64 = 120;
+    let app = spawn_quiet().await;
+    let billing = app.token_for("billing", "billing").await;
+    let order = app.retention_under(&billing, "order");
+    // The records fall due a few seconds from now on the system clock (the binary's clock): not
+    // at their close, which would purge them at once.
+    let due = app.clock.now_us() + 12 * SECOND_US;
+    let mut at = due - 7 * 365 * DAY_US;
+    at += due - seven_years_after(at);
+    // Seeded concurrently, so the group committer batches it (PostgreSQL commits are slow one
+    // by one).
+    let seeding = (0..N).map(|n| {
+        let mut order = order.clone();
+        let app = &app;
+        async move {
+            let id = app.create(order_subject(&tag())).await.id;
+            let reference = format!("KILL-{n}");
+            open(&mut order, &id, "order", &reference).await.unwrap();
+            close(&mut order, "order", &reference, "order_completed", Some(at))
+                .await
+                .unwrap();
+        }
+    });
+    futures_util::future::join_all(seeding).await;
+    assert!(
+        app.clock.now_us() < due,
+        "seeding took so long that the records fell due while closing"
+    );
+    let db = app.stop().await;
+    assert_eq!(
+        wait_for_count(&db, SWEEP_EVENTS, 0, Duration::ZERO).await,
+        0
+    );
+
+    // A slow sweeper (20 subjects/s in batches of 5), killed with SIGKILL part-way.
+    let mut first = serve_sweeping(&db, "20");
+    let before_kill = wait_for_count(&db, SWEEP_EVENTS, 15, Duration::from_secs(60)).await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let at_kill = wait_for_count(&db, SWEEP_EVENTS, 0, Duration::ZERO).await;
+    assert!(
+        (15..N).contains(&at_kill) && at_kill >= before_kill,
+        "killed mid-sweep: {at_kill} of {N} swept"
+    );
+
+    // Started again at full speed, it finishes: every subject swept exactly once.
+    let mut second = serve_sweeping(&db, "0");
+    let done = wait_for_count(&db, SWEEP_EVENTS, N, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let done_later = wait_for_count(&db, SWEEP_EVENTS, 0, Duration::ZERO).await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    assert_eq!(done, N, "every due subject swept after the restart");
+    assert_eq!(done_later, N, "nothing swept twice");
+    assert_eq!(
+        wait_for_count(&db, SWEPT_SUBJECTS, 0, Duration::ZERO).await,
+        N,
+        "one event per subject"
+    );
+    assert_eq!(
+        wait_for_count(&db, "SELECT COUNT(*) FROM subjects", 0, Duration::ZERO).await,
+        0,
+        "every subject kept only by the order is shredded"
+    );
+    let verify = kluis_binary(&db)
+        .args(["audit", "verify"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "audit chain intact after the kill: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_sweep_cli_dry_run_changes_nothing_and_the_real_run_purges() {
+    let app = spawn_quiet().await;
+    let billing = app.token_for("billing", "billing").await;
+    let mut order = app.retention_under(&billing, "order");
+    let due = app.clock.now_us() + 3 * SECOND_US;
+    let mut at = due - 7 * 365 * DAY_US;
+    at += due - seven_years_after(at);
+    for n in 0..3 {
+        let id = app.create(order_subject(&tag())).await.id;
+        let reference = format!("CLI-{n}");
+        open(&mut order, &id, "order", &reference).await.unwrap();
+        close(&mut order, "order", &reference, "order_completed", Some(at))
+            .await
+            .unwrap();
+    }
+    let db = app.stop().await;
+    let wait = due - kluis::clock::now_us() + SECOND_US / 2;
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_micros(wait.unsigned_abs())).await;
+    }
+    let dry = kluis_binary(&db)
+        .args(["retention", "sweep", "--dry-run"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(dry.status.success(), "{text}");
+    assert!(text.contains("3 due subjects visited"), "{text}");
+    assert!(text.contains("dry run: nothing changed"), "{text}");
+    assert_eq!(
+        wait_for_count(&db, "SELECT COUNT(*) FROM subjects", 0, Duration::ZERO).await,
+        3
+    );
+    let real = kluis_binary(&db)
+        .args(["retention", "sweep"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&real.stdout);
+    assert!(real.status.success(), "{text}");
+    assert!(text.contains("3 crypto-shredded"), "{text}");
+    assert_eq!(
+        wait_for_count(&db, "SELECT COUNT(*) FROM subjects", 0, Duration::ZERO).await,
+        0
+    );
+    assert_eq!(
+        wait_for_count(&db, SWEEP_EVENTS, 0, Duration::ZERO).await,
+        3
+    );
+}
