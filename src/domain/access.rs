@@ -54,12 +54,7 @@ pub fn recordable_reason(declared: &Declared) -> String {
 /// 63 of letters, digits and `. _ : # / -`. No spaces, so no names or sentences.
 pub(crate) fn parse_reason(reason: &str) -> Result<String, DomainError> {
     let reason = reason.trim();
-    let mut chars = reason.chars();
-    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && chars
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '#' | '/' | '-'))
-        && reason.len() <= MAX_REASON_CHARS;
-    if !ok {
+    if !is_reference(reason, MAX_REASON_CHARS) {
         return Err(DomainError::invalid(
             "x-kluis-reason",
             format!(
@@ -71,6 +66,16 @@ pub(crate) fn parse_reason(reason: &str) -> Result<String, DomainError> {
     Ok(reason.to_owned())
 }
 
+/// Whether `text` is an identifier of another system: a letter or digit, then letters, digits and
+/// `. _ : # / -`, at most `max` bytes — never room for a name, a sentence or an e-mail address.
+fn is_reference(text: &str, max: usize) -> bool {
+    let mut chars = text.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '#' | '/' | '-'))
+        && text.len() <= max
+}
+
 /// Longest processing-record reference (an invoice number, a contract, account or service id).
 pub const MAX_REFERENCE_CHARS: usize = 128;
 
@@ -79,12 +84,7 @@ pub const MAX_REFERENCE_CHARS: usize = 128;
 /// no names or e-mail addresses (references appear in the audit trail).
 pub fn parse_reference(reference: &str) -> Result<String, DomainError> {
     let reference = reference.trim();
-    let mut chars = reference.chars();
-    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && chars
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '#' | '/' | '-'))
-        && reference.len() <= MAX_REFERENCE_CHARS;
-    if !ok {
+    if !is_reference(reference, MAX_REFERENCE_CHARS) {
         return Err(DomainError::invalid(
             "reference",
             format!(
