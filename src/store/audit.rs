@@ -219,11 +219,30 @@ impl Store {
             let rows: Vec<(i64, String)> = sqlx::query_as(
                 "SELECT seq, subjects FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2")
                 .bind(mark).bind(INDEX_BATCH).fetch_all(&mut *tx).await?;
+            // Only a gap-free run is indexed: a missing event (deleted, which verification
+            // reports) is never stepped over. A gap before the first row is allowed only where
+            // pruning removed everything before it.
+            let Some(first) = rows.first().map(|(seq, _)| *seq) else {
+                return Ok(0);
+            };
+            if first != mark + 1 {
+                let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(seq) FROM audit_events")
+                    .fetch_one(&mut *tx).await?;
+                if oldest != Some(first) {
+                    return Ok(0);
+                }
+            }
+            let run = rows
+                .iter()
+                .enumerate()
+                .take_while(|(i, (seq, _))| *seq == first + *i as i64)
+                .count();
+            let rows = &rows[..run];
             let Some(last) = rows.last().map(|(seq, _)| *seq) else {
                 return Ok(0);
             };
             let mut entries: Vec<(Uuid, i64)> = Vec::new();
-            for (seq, subjects) in &rows {
+            for (seq, subjects) in rows {
                 for id in parse_subjects(*seq, subjects) {
                     entries.push((id, *seq));
                 }
