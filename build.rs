@@ -27,6 +27,13 @@ const REDACTED: &[&str] = &[
     ".kluis.v1.BatchGetSubjectsResult.result",
     ".kluis.v1.CreateCallerTokenResponse",
     ".kluis.v1.MaskedValue",
+    ".kluis.v1.RecordActivityRequest",
+    ".kluis.v1.MarketingRecipient",
+    ".kluis.v1.ListMarketingAudienceResponse",
+    ".kluis.v1.RedeemUnsubscribeTokenRequest",
+    ".kluis.v1.RectifySubjectRequest",
+    ".kluis.v1.RectifySubjectResponse",
+    ".kluis.v1.ExportSubjectDataResponse",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {
@@ -43,6 +50,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         "proto/kluis/v1/consent.proto",
         "proto/kluis/v1/audit.proto",
         "proto/kluis/v1/retention.proto",
+        "proto/kluis/v1/rights.proto",
+        "proto/kluis/v1/disclosure.proto",
     ];
 
     let mut config = tonic_prost_build::Config::new();

@@ -22,7 +22,8 @@ use crate::{
     crypto::RootKey,
     domain::{
         Callers, Retention, RetentionSettings, Vault,
-        keys::{KeyringError, open_audit_keys, open_keyring},
+        consent::Consent,
+        keys::{KeyringError, open_audit_keys, open_keyring, open_rights_keys},
     },
     policy::{Policy, PolicyErrors},
     store::{Store, StoreError},
@@ -60,9 +61,7 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     store: Store,
-    vault: Arc<Vault>,
-    retention: Arc<Retention>,
-    callers: Arc<Callers>,
+    services: api::Services,
     calls: api::Calls,
     failures: Arc<api::FailedAuthentications>,
 }
@@ -89,6 +88,7 @@ impl Application {
         let root = load_root_key(args, &store).await?;
         let keyring = Arc::new(open_keyring(&store, &root).await?);
         let audit_keys = open_audit_keys(&store, &root).await?;
+        let rights_keys = open_rights_keys(&store, &root).await?;
         drop(root);
         let trail = AuditTrail::new(
             store.clone(),
@@ -132,6 +132,7 @@ impl Application {
             retention_settings(args),
         ));
         retention.spawn_sweeper();
+        let consent = Arc::new(Consent::new(vault.clone(), rights_keys.token_mac));
         let failures = api::FailedAuthentications::new(
             trail.clone(),
             std::time::Duration::from_secs(args.audit.auth_failure_window_seconds.max(1)),
@@ -158,9 +159,12 @@ impl Application {
             listener,
             local_addr,
             store,
-            vault,
-            retention,
-            callers,
+            services: api::Services {
+                vault,
+                retention,
+                consent,
+                callers,
+            },
             calls,
             failures,
         })
@@ -168,7 +172,7 @@ impl Application {
 
     /// The retention engine of this instance.
     pub fn retention(&self) -> &Arc<Retention> {
-        &self.retention
+        &self.services.retention
     }
 
     /// The audit trail of this instance.
@@ -195,9 +199,7 @@ impl Application {
         let trail = self.calls.trail.clone();
         let result = api::serve(
             self.listener,
-            self.vault,
-            self.retention,
-            self.callers,
+            self.services,
             self.calls,
             self.failures,
             shutdown,

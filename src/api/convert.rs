@@ -391,6 +391,20 @@ fn ip_addresses(list: &[pb::IpAddressRecord]) -> Result<Option<FieldValue>, Vec<
     )
 }
 
+/// One activity entry (RecordActivity), checked like an entry of `activity_log`.
+pub fn activity_entry(entry: Option<&pb::ActivityEntry>) -> Result<ActivityRecord, DomainError> {
+    let Some(entry) = entry else {
+        return Err(DomainError::invalid("entry", "required"));
+    };
+    match &activity_log(std::slice::from_ref(entry)).map_err(DomainError::InvalidArgument)? {
+        Some(FieldValue::Activity(list)) => list
+            .first()
+            .cloned()
+            .ok_or_else(|| DomainError::invalid("entry", "required")),
+        _ => Err(DomainError::invalid("entry", "required")),
+    }
+}
+
 fn activity_log(list: &[pb::ActivityEntry]) -> Result<Option<FieldValue>, Vec<Violation>> {
     list_leaf(
         FieldPath::ActivityLog,

@@ -19,7 +19,7 @@ use tonic::transport::Server;
 pub use auth::{FailedAuthentications, RequestContext};
 pub use call::Calls;
 
-use crate::domain::{Callers, Retention, Vault};
+use crate::domain::{Callers, Retention, Vault, consent::Consent};
 
 /// Largest request message kluis decodes; a larger one is refused by the transport with
 /// `OUT_OF_RANGE` before any handler runs.
@@ -28,16 +28,28 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Calls one HTTP/2 connection may have in flight at once.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
+/// The domain services one instance serves.
+pub struct Services {
+    pub vault: Arc<Vault>,
+    pub retention: Arc<Retention>,
+    pub consent: Arc<Consent>,
+    pub callers: Arc<Callers>,
+}
+
 /// Serves every kluis service on `listener` until `shutdown` completes, then drains in-flight calls.
 pub async fn serve(
     listener: TcpListener,
-    vault: Arc<Vault>,
-    retention: Arc<Retention>,
-    callers: Arc<Callers>,
+    services: Services,
     calls: Calls,
     failures: Arc<FailedAuthentications>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let Services {
+        vault,
+        retention,
+        consent,
+        callers,
+    } = services;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::subject_service_server::SubjectServiceServer<subject::SubjectApi>>()
@@ -82,7 +94,7 @@ pub async fn serve(
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let consent = pb::consent_service_server::ConsentServiceServer::new(consent::ConsentApi::new(
-        vault,
+        consent,
         calls.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);

@@ -41,4 +41,11 @@ redacted_debug!(
     batch_get_subjects_result::Result,
     CreateCallerTokenResponse,
     MaskedValue,
+    RecordActivityRequest,
+    MarketingRecipient,
+    ListMarketingAudienceResponse,
+    RedeemUnsubscribeTokenRequest,
+    RectifySubjectRequest,
+    RectifySubjectResponse,
+    ExportSubjectDataResponse,
 );

@@ -223,4 +223,29 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
             erase_time: Some(convert::to_timestamp(at)),
         }))
     }
+
+    async fn record_activity(
+        &self,
+        request: Request<pb::RecordActivityRequest>,
+    ) -> Result<Response<pb::RecordActivityResponse>, Status> {
+        let ctx = context(&request)?;
+        let mut draft = self.calls.open(&ctx);
+        let req = request.into_inner();
+        draft.subject_text(&req.subject_id);
+        let result = async {
+            let access = self.calls.authorize(&ctx)?;
+            let id = convert::subject_id("subject_id", &req.subject_id)
+                .map_err(|v| DomainError::InvalidArgument(vec![v]))?;
+            let entry = convert::activity_entry(req.entry.as_ref())?;
+            self.vault
+                .record_activity(&access, id, entry, &mut draft)
+                .await
+        }
+        .await;
+        let (version, entries) = self.calls.finish(&ctx, draft, result).await?;
+        Ok(Response::new(pb::RecordActivityResponse {
+            version,
+            entries: u32::try_from(entries).unwrap_or(u32::MAX),
+        }))
+    }
 }

@@ -3,10 +3,12 @@
 //! Pure functions over key material; nothing here touches the database or the network.
 
 mod aead;
+mod handle;
 mod keyring;
 mod token;
 
 pub use aead::{FieldCipher, Sealed, open, seal};
+pub use handle::{new_unsubscribe_handle, unsubscribe_handle_hash};
 pub use keyring::{KeyCheck, Keyring, RootKey, WrappedKey, key_check_value};
 pub use token::{CallerToken, TokenError, hash_secret};
 

@@ -233,11 +233,6 @@ impl Access {
             .difference(self.grant.read)
             .difference(self.grant.masked)
     }
-
-    /// Whether subjects who objected to the purpose must not be read under it.
-    pub fn objectable(&self) -> bool {
-        matches!(self.objection, Objection::OptOut)
-    }
 }
 
 /// Paths joined for messages and audit: `a, b, c`.

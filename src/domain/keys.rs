@@ -15,6 +15,39 @@ pub const KIND_KEK: &str = "kek";
 pub const KIND_BLIND_INDEX: &str = "blind-index";
 pub const KIND_AUDIT_CHAIN: &str = "audit-chain";
 pub const KIND_AUDIT_CHECKPOINT: &str = "audit-checkpoint";
+pub const KIND_TOKEN_MAC: &str = "token-mac";
+pub const KIND_RECEIPT: &str = "receipt-signing";
+
+/// The service keys of the rights and consent services (DESIGN.md §4): the MAC key of
+/// unsubscribe handles and the seed of the Ed25519 key that signs erasure receipts.
+pub struct RightsKeys {
+    pub token_mac: SecretKey,
+    pub receipt_seed: SecretKey,
+}
+
+/// Loads (or, on first use, creates) the rights keys. Call after [`open_keyring`] checked the root key.
+pub async fn open_rights_keys(store: &Store, root: &RootKey) -> Result<RightsKeys, KeyringError> {
+    Ok(RightsKeys {
+        token_mac: newest(
+            load_or_create(store, root, KIND_TOKEN_MAC).await?,
+            KIND_TOKEN_MAC,
+        )?,
+        receipt_seed: newest(
+            load_or_create(store, root, KIND_RECEIPT).await?,
+            KIND_RECEIPT,
+        )?,
+    })
+}
+
+/// The newest version of a service key.
+fn newest(
+    mut keys: BTreeMap<u32, (String, SecretKey)>,
+    kind: &'static str,
+) -> Result<SecretKey, KeyringError> {
+    keys.pop_last()
+        .map(|(_, (_, key))| key)
+        .ok_or(KeyringError::NoActiveKey(kind))
+}
 
 /// The audit trail's service keys (DESIGN.md §4): the chain's HMAC key and the seed of the Ed25519
 /// key that signs checkpoints. Random, stored wrapped under the root key, never derived from a KEK.
@@ -25,11 +58,6 @@ pub struct AuditKeys {
 
 /// Loads (or, on first use, creates) the audit keys. Call after [`open_keyring`] checked the root key.
 pub async fn open_audit_keys(store: &Store, root: &RootKey) -> Result<AuditKeys, KeyringError> {
-    let newest = |mut keys: BTreeMap<u32, (String, SecretKey)>, kind| {
-        keys.pop_last()
-            .map(|(_, (_, key))| key)
-            .ok_or(KeyringError::NoActiveKey(kind))
-    };
     Ok(AuditKeys {
         chain: newest(
             load_or_create(store, root, KIND_AUDIT_CHAIN).await?,

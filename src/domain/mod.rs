@@ -3,6 +3,7 @@
 pub mod access;
 pub mod call;
 pub mod callers;
+pub mod consent;
 mod error;
 pub mod keys;
 pub use crate::policy::paths;

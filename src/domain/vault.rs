@@ -17,7 +17,7 @@ use crate::{
     clock::Clock,
     crypto::{CryptoError, FieldCipher, Keyring, SecretKey, WrappedKey},
     policy::{
-        Objection, PathSet, Policy, Role,
+        Objection, PathSet, Policy,
         lifecycle::{Mark, PathState},
         mask_text,
     },
@@ -26,6 +26,10 @@ use crate::{
 
 /// Most ids one BatchGetSubjects call may ask for.
 pub const MAX_BATCH_GET: usize = 100;
+/// Entries the portal activity log keeps: the newest, older ones drop off as new ones come.
+pub const MAX_ACTIVITY_ENTRIES: usize = 1000;
+/// Attempts of one activity append when other writes to the subject get there first.
+const APPEND_ATTEMPTS: u32 = 20;
 /// Most ids one FindSubjects call returns.
 pub const MAX_FIND_RESULTS: u32 = 1000;
 /// How long an update without `expected_version` keeps retrying when other writes to the same
@@ -58,32 +62,12 @@ pub struct LookupKey {
     pub value: String,
 }
 
-/// How a subject objected (DESIGN.md §2: unsubscribe link, account, portal; operators record too).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ObjectionRoute {
-    UnsubscribeLink,
-    Account,
-    Portal,
-    Operator,
-}
-
-impl ObjectionRoute {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ObjectionRoute::UnsubscribeLink => "unsubscribe-link",
-            ObjectionRoute::Account => "account",
-            ObjectionRoute::Portal => "portal",
-            ObjectionRoute::Operator => "operator",
-        }
-    }
-}
-
 /// The vault service of one instance.
 pub struct Vault {
-    store: Store,
-    keyring: Arc<Keyring>,
-    policy: Arc<Policy>,
-    clock: Clock,
+    pub(super) store: Store,
+    pub(super) keyring: Arc<Keyring>,
+    pub(super) policy: Arc<Policy>,
+    pub(super) clock: Clock,
 }
 
 impl Vault {
@@ -98,7 +82,11 @@ impl Vault {
 
     /// The paths of a subject that do not exist for this caller: those its retention state keeps
     /// only for a legal retention the caller's role and purpose may not read (DESIGN.md §2).
-    fn hidden(&self, access: &Access, retention: Option<&[u8]>) -> Result<PathSet, DomainError> {
+    pub(super) fn hidden(
+        &self,
+        access: &Access,
+        retention: Option<&[u8]>,
+    ) -> Result<PathSet, DomainError> {
         let Some(bytes) = retention else {
             return Ok(PathSet::EMPTY);
         };
@@ -179,6 +167,7 @@ impl Vault {
             updated_at: now,
             retention: None,
             retention_version: 0,
+            restricted_at: None,
         };
         let fields: BTreeMap<FieldPath, StoredField> = fields
             .into_iter()
@@ -220,8 +209,8 @@ impl Vault {
         access.require_reason_for_values()?;
         draft.subject(id);
         let row = self.store.subject(id).await?.ok_or(DomainError::NotFound)?;
-        if access.objectable() && self.store.objected(id, &access.purpose).await? {
-            return Err(objected(&access.purpose));
+        if let Some(refusal) = self.unusable(access, &[&row]).await?.remove(&id) {
+            return Err(refusal);
         }
         self.open_visible(access, &row, wanted, draft)
     }
@@ -243,11 +232,8 @@ impl Vault {
         let wanted = access.readable(asked, draft)?;
         access.require_reason_for_values()?;
         let rows = self.store.subjects(ids).await?;
-        let objected = if access.objectable() {
-            self.store.objected_among(&access.purpose, ids).await?
-        } else {
-            Default::default()
-        };
+        let found: Vec<&SubjectRow> = rows.values().filter_map(|r| r.as_ref().ok()).collect();
+        let mut unusable = self.unusable(access, &found).await?;
         for id in ids {
             draft.subject(*id);
         }
@@ -257,7 +243,9 @@ impl Vault {
                 let result = match rows.get(id) {
                     None => Err(DomainError::NotFound),
                     Some(Err(e)) => Err(DomainError::from(e.clone())),
-                    Some(Ok(_)) if objected.contains(id) => Err(objected_error(&access.purpose)),
+                    Some(Ok(_)) if unusable.contains_key(id) => {
+                        Err(unusable.remove(id).unwrap_or(DomainError::NotFound))
+                    }
                     Some(Ok(row)) => self.open_visible(access, row, wanted, draft),
                 };
                 (*id, result)
@@ -293,19 +281,21 @@ impl Vault {
             .find(key.path.as_str(), &digest, MAX_FIND_RESULTS)
             .await?;
         // A subject whose matched path retention hides from the caller is not there for it.
+        // Nor is one under a restriction of processing, one who objected, or (consent-based
+        // purposes) one without consent.
+        let unrestricted = exempt_from_restriction(&access.purpose);
         let mut ids = Vec::with_capacity(found.len());
         for f in found {
-            if !self
-                .hidden(access, f.retention.as_deref())?
-                .contains(key.path)
+            if (!f.restricted || unrestricted)
+                && !self
+                    .hidden(access, f.retention.as_deref())?
+                    .contains(key.path)
             {
                 ids.push(f.id);
             }
         }
-        if access.objectable() {
-            let objected = self.store.objected_among(&access.purpose, &ids).await?;
-            ids.retain(|id| !objected.contains(id));
-        }
+        let refused = self.refused_by_subject(access, &ids).await?;
+        ids.retain(|id| !refused.contains(id));
         for id in &ids {
             draft.subject(*id);
         }
@@ -333,10 +323,9 @@ impl Vault {
             attempts += 1;
             let row = self.store.subject(id).await?.ok_or(DomainError::NotFound)?;
             if attempts == 1
-                && access.objectable()
-                && self.store.objected(id, &access.purpose).await?
+                && let Some(refusal) = self.unusable(access, &[&row]).await?.remove(&id)
             {
-                return Err(objected(&access.purpose));
+                return Err(refusal);
             }
             if let Some(expected) = expected_version
                 && expected != row.version
@@ -466,98 +455,103 @@ impl Vault {
         Ok(at)
     }
 
-    /// Records the subject's objection against `purpose`. Refused (`FailedPrecondition`, naming
-    /// the legal basis) for a purpose based on a legal obligation or a contract; the operator
-    /// route only for operators. Returns whether it is new.
-    pub async fn object(
+    /// The subjects of `rows` that may not be used under the caller's purpose, each with its
+    /// refusal (`FailedPrecondition` naming the reason): a restriction of processing in force
+    /// (unless the purpose is exempt), an objection against an opt-out purpose, or no consent for
+    /// a consent-based one.
+    pub(super) async fn unusable(
+        &self,
+        access: &Access,
+        rows: &[&SubjectRow],
+    ) -> Result<BTreeMap<Uuid, DomainError>, DomainError> {
+        let mut out = BTreeMap::new();
+        if !exempt_from_restriction(&access.purpose) {
+            for row in rows {
+                if let Some(since) = row.restricted_at {
+                    out.insert(
+                        row.id,
+                        DomainError::FailedPrecondition(format!(
+                            "processing of subject {} is restricted (GDPR art. 18) since {since} µs; \
+                             only purposes {} may read it",
+                            row.id,
+                            UNRESTRICTED_PURPOSES.join(" and ")
+                        )),
+                    );
+                }
+            }
+        }
+        let ids: Vec<Uuid> = rows
+            .iter()
+            .map(|r| r.id)
+            .filter(|id| !out.contains_key(id))
+            .collect();
+        for id in self.refused_by_subject(access, &ids).await? {
+            out.insert(id, refused_by_subject_error(access));
+        }
+        Ok(out)
+    }
+
+    /// Those of `ids` whose own choice excludes the caller's purpose: objected to an opt-out
+    /// purpose, or no consent in force for a consent-based one.
+    pub(super) async fn refused_by_subject(
+        &self,
+        access: &Access,
+        ids: &[Uuid],
+    ) -> Result<std::collections::HashSet<Uuid>, DomainError> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        Ok(match access.objection {
+            Objection::OptOut => self.store.objected_among(&access.purpose, ids).await?,
+            Objection::ConsentBased => {
+                let consented = self.store.consented_among(&access.purpose, ids).await?;
+                ids.iter()
+                    .copied()
+                    .filter(|id| !consented.contains(id))
+                    .collect()
+            }
+            Objection::NotObjectable => Default::default(),
+        })
+    }
+
+    /// Appends `entry` to the subject's portal activity log (the newest
+    /// [`MAX_ACTIVITY_ENTRIES`] are kept), as an update of `activity_log` under the caller's
+    /// purpose with every check an update has. Returns the new version and the entries kept.
+    pub async fn record_activity(
         &self,
         access: &Access,
         id: Uuid,
-        purpose: &str,
-        route: ObjectionRoute,
+        entry: super::ActivityRecord,
         draft: &mut Draft,
-    ) -> Result<(bool, i64), DomainError> {
-        draft.subject(id);
-        let target = self.objectable_purpose(purpose)?;
-        check_route(access, route)?;
-        draft.event.detail = format!("objection={target} route={}", route.as_str());
-        let at = self.clock.now_us();
-        let op = WriteOp::Object {
-            id,
-            purpose: target,
-            route: route.as_str().to_owned(),
-            at,
-        };
-        match self
-            .store
-            .write_audited(op, draft.committed_record())
-            .await?
-        {
-            WriteOutcome::Objected { new, since } => {
-                draft.committed = true;
-                Ok((new, since))
+    ) -> Result<(u64, usize), DomainError> {
+        let path = FieldPath::ActivityLog;
+        access.check_write([path], draft)?;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let row = self.store.subject(id).await?.ok_or(DomainError::NotFound)?;
+            let (view, _) = self.open_row(&row, PathSet::from_paths([path]))?;
+            let mut log = match view.fields.get(&path).map(|f| &f.value) {
+                Some(FieldValue::Activity(list)) => list.clone(),
+                _ => Vec::new(),
+            };
+            log.push(entry.clone());
+            if log.len() > MAX_ACTIVITY_ENTRIES {
+                log.drain(..log.len() - MAX_ACTIVITY_ENTRIES);
             }
-            other => Err(DomainError::Internal(format!(
-                "objection answered {other:?}"
-            ))),
-        }
-    }
-
-    /// Withdraws the subject's objection against `purpose`; returns whether there was one. A role
-    /// that itself uses the purpose (the mailer, for `marketing`) may record an objection (the
-    /// unsubscribe link) but never withdraw one: only the subject, through the account, the portal
-    /// or an operator, can.
-    pub async fn withdraw_objection(
-        &self,
-        access: &Access,
-        id: Uuid,
-        purpose: &str,
-        route: ObjectionRoute,
-        draft: &mut Draft,
-    ) -> Result<bool, DomainError> {
-        draft.subject(id);
-        let target = self.objectable_purpose(purpose)?;
-        check_route(access, route)?;
-        let role = access.caller.role;
-        if role != Role::Operator && self.policy.grant(role, &target).is_some() {
-            return Err(DomainError::PermissionDenied(format!(
-                "role {role} acts under purpose {target} and may not withdraw objections against it"
-            )));
-        }
-        draft.event.detail = format!("withdraw-objection={target} route={}", route.as_str());
-        let op = WriteOp::WithdrawObjection {
-            id,
-            purpose: target,
-        };
-        match self
-            .store
-            .write_audited(op, draft.committed_record())
-            .await?
-        {
-            WriteOutcome::Withdrawn { existed } => {
-                draft.committed = true;
-                Ok(existed)
+            let kept = log.len();
+            let changes: FieldChanges = [(path, Some(FieldValue::Activity(log)))]
+                .into_iter()
+                .collect();
+            draft.event.detail = "activity-appended".into();
+            match self
+                .update(access, id, changes, Some(row.version), None, draft)
+                .await
+            {
+                Ok(shown) => return Ok((shown.view.version, kept)),
+                Err(DomainError::Aborted { .. }) if attempts < APPEND_ATTEMPTS => {}
+                Err(e) => return Err(e),
             }
-            other => Err(DomainError::Internal(format!(
-                "withdrawal answered {other:?}"
-            ))),
-        }
-    }
-
-    /// The purpose an objection names, if the policy lets a subject object to it.
-    fn objectable_purpose(&self, purpose: &str) -> Result<String, DomainError> {
-        let def = self
-            .policy
-            .purpose(purpose)
-            .ok_or_else(|| DomainError::invalid("purpose", "unknown purpose"))?;
-        match def.objection {
-            // DESIGN.md §2: objection is possible against legitimate interest and consent.
-            Objection::OptOut | Objection::ConsentBased => Ok(def.name.clone()),
-            Objection::NotObjectable => Err(DomainError::FailedPrecondition(format!(
-                "purpose {} rests on {}: no objection is possible against it",
-                def.name,
-                def.legal_basis.as_str(),
-            ))),
         }
     }
 
@@ -609,7 +603,7 @@ impl Vault {
     }
 
     /// Opens the leaves in `paths`; also returns every path the record holds.
-    fn open_row(
+    pub(super) fn open_row(
         &self,
         row: &SubjectRow,
         paths: PathSet,
@@ -694,24 +688,13 @@ fn written_due(
     Ok(due.then_some(now))
 }
 
-/// The operator route is for operators only.
-fn check_route(access: &Access, route: ObjectionRoute) -> Result<(), DomainError> {
-    if route == ObjectionRoute::Operator && access.caller.role != Role::Operator {
-        return Err(DomainError::PermissionDenied(format!(
-            "route OPERATOR is for operators, not role {}",
-            access.caller.role
-        )));
-    }
-    Ok(())
-}
+/// Purposes a restriction of processing (GDPR art. 18) does not stop: handling the subject's own
+/// request, and a demand the law makes.
+pub const UNRESTRICTED_PURPOSES: [&str; 2] = ["subject-request", "legal-demand"];
 
-/// The refusal of a read under a purpose the subject objected to.
-fn objected_error(purpose: &str) -> DomainError {
-    DomainError::FailedPrecondition(format!("the subject objected to purpose {purpose}"))
-}
-
-fn objected(purpose: &str) -> DomainError {
-    objected_error(purpose)
+/// Whether reads under `purpose` go on while a subject's processing is restricted.
+pub fn exempt_from_restriction(purpose: &str) -> bool {
+    UNRESTRICTED_PURPOSES.contains(&purpose)
 }
 
 /// A masked value: text through the policy's masks, other leaves as a marker only.
@@ -788,5 +771,19 @@ fn normalise_postal_codes(
         Ok(())
     } else {
         Err(DomainError::InvalidArgument(violations))
+    }
+}
+
+/// The refusal of a read under a purpose the subject objected to, or has not consented to.
+fn refused_by_subject_error(access: &Access) -> DomainError {
+    match access.objection {
+        Objection::ConsentBased => DomainError::FailedPrecondition(format!(
+            "the subject has no consent in force for purpose {}",
+            access.purpose
+        )),
+        _ => DomainError::FailedPrecondition(format!(
+            "the subject objected to purpose {}",
+            access.purpose
+        )),
     }
 }

@@ -7,6 +7,7 @@
 mod audit;
 mod reader;
 mod retention;
+mod rights;
 mod writer;
 
 use std::{
@@ -24,7 +25,8 @@ use uuid::Uuid;
 
 pub use audit::{AUDIT_INDEX_BATCH, AuditFilter, AuditRecord, ChainLinker, StoredAuditEvent};
 pub use retention::{HoldRow, MarkedSubject, RecordRow};
-pub use writer::{RecordChange, WriteOp, WriteOutcome};
+pub use rights::{ConsentEventRow, DisclosureRow, ReceiptRow, RestrictionRow};
+pub use writer::{ConsentChange, RecordChange, WriteOp, WriteOutcome};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -110,6 +112,8 @@ pub struct SubjectRow {
     pub retention: Option<Vec<u8>>,
     /// Bumped by every change of the subject's records and holds (compare-and-set).
     pub retention_version: i64,
+    /// Since when a restriction of processing (GDPR art. 18) is in force; None: not restricted.
+    pub restricted_at: Option<i64>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -124,6 +128,7 @@ struct RawSubjectRow {
     updated_at: i64,
     retention: Option<Vec<u8>>,
     retention_version: i64,
+    restricted_at: Option<i64>,
 }
 
 impl TryFrom<RawSubjectRow> for SubjectRow {
@@ -141,6 +146,7 @@ impl TryFrom<RawSubjectRow> for SubjectRow {
             updated_at: r.updated_at,
             retention: r.retention,
             retention_version: r.retention_version,
+            restricted_at: r.restricted_at,
         })
     }
 }
@@ -195,6 +201,8 @@ fn uuid_from(bytes: &[u8]) -> Result<Uuid, StoreError> {
 pub struct Found {
     pub id: Uuid,
     pub retention: Option<Vec<u8>>,
+    /// A restriction of processing is in force (reads under ordinary purposes skip it).
+    pub restricted: bool,
 }
 
 /// One blind-index entry of a subject.

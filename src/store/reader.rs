@@ -129,7 +129,7 @@ pub(super) async fn subjects_by_id(
     let raws: Vec<RawSubjectRow> = on_pool!(backend, pool => {
         let mut q = sqlx::QueryBuilder::new(
             "SELECT id, dek_id, kek_version, wrapped_dek, record, version, created_at, updated_at, \
-             retention, retention_version FROM subjects WHERE id IN (",
+             retention, retention_version, restricted_at FROM subjects WHERE id IN (",
         );
         let mut list = q.separated(", ");
         for id in ids {
@@ -177,7 +177,7 @@ async fn find_many(
     backend: &Backend,
     requests: &[FindRequest],
 ) -> Result<HashMap<usize, Vec<Found>>, StoreError> {
-    type Row = (i64, Vec<u8>, Option<Vec<u8>>);
+    type Row = (i64, Vec<u8>, Option<Vec<u8>>, Option<i64>);
     let rows: Vec<Row> = on_pool!(backend, pool => {
         let mut q = sqlx::QueryBuilder::new("");
         // Not padded like the id lists: a repeated lookup is a whole subquery of real work.
@@ -186,8 +186,8 @@ async fn find_many(
                 q.push(" UNION ALL ");
             }
             q.push(format!(
-                "SELECT k, subject_id, retention FROM (SELECT CAST({i} AS BIGINT) AS k, b.subject_id, \
-                 s.retention FROM blind_index b JOIN subjects s ON s.id = b.subject_id WHERE b.path = "
+                "SELECT k, subject_id, retention, restricted_at FROM (SELECT CAST({i} AS BIGINT) AS k, \
+                 b.subject_id, s.retention, s.restricted_at FROM blind_index b JOIN subjects s ON s.id = b.subject_id WHERE b.path = "
             ));
             q.push_bind(r.path);
             q.push(" AND b.digest = ");
@@ -199,11 +199,12 @@ async fn find_many(
         q.build_query_as::<Row>().fetch_all(pool).await
     })?;
     let mut out: HashMap<usize, Vec<Found>> = HashMap::new();
-    for (k, id, retention) in rows {
+    for (k, id, retention, restricted_at) in rows {
         let k = usize::try_from(k).map_err(|_| StoreError::Corrupt("lookup index".into()))?;
         out.entry(k).or_default().push(Found {
             id: uuid_from(&id)?,
             retention,
+            restricted: restricted_at.is_some(),
         });
     }
     for found in out.values_mut() {

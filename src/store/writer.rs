@@ -49,18 +49,49 @@ pub enum WriteOp {
         id: Uuid,
         at: i64,
     },
-    /// Records the subject's objection against an opt-out purpose (kept as first recorded).
-    Object {
-        id: Uuid,
+    /// Records the subject's objection against an opt-out purpose (kept as first recorded) and,
+    /// when new, its entry in the consent history.
+    Object(ConsentChange),
+    /// Withdraws an objection, if there is one (with its history entry).
+    WithdrawObjection(ConsentChange),
+    /// Records consent for a consent-based purpose (kept as first granted), with history.
+    GrantConsent(ConsentChange),
+    /// Withdraws consent in force, if any (with its history entry).
+    WithdrawConsent(ConsentChange),
+    /// Stores the keyed hashes of freshly issued unsubscribe tokens: (hash, subject).
+    IssueTokens {
+        tokens: Vec<(Vec<u8>, Uuid)>,
         purpose: String,
-        route: String,
         at: i64,
     },
-    /// Withdraws an objection, if there is one.
-    WithdrawObjection {
-        id: Uuid,
-        purpose: String,
+    /// Redeems an unsubscribe token by its keyed hash: marks it redeemed and records the
+    /// objection (route `unsubscribe-link`), each once. `NotFound` for a hash never issued.
+    RedeemToken {
+        hash: Vec<u8>,
+        at: i64,
+        caller: String,
     },
+    /// Places a restriction of processing unless one is in force.
+    Restrict {
+        id: Uuid,
+        restriction_id: String,
+        reason: String,
+        at: i64,
+        by: String,
+    },
+    /// Lifts the restriction in force, if any.
+    LiftRestriction {
+        id: Uuid,
+        at: i64,
+        by: String,
+    },
+    /// Adds an entry to the disclosure register (the subject must exist).
+    RecordDisclosure(super::DisclosureRow),
+    /// Stores a signed erasure receipt.
+    InsertReceipt(super::ReceiptRow),
+    /// Ops applied in order in one savepoint, all or none (an erasure closes records, purges and
+    /// stores its receipt). The outcome is the last op's. Not nested.
+    Sequence(Vec<WriteOp>),
     /// A change of a subject's processing records or holds with the retention state derived from
     /// the result, applied only if the subject's `retention_version` is still `expected_version`.
     RetentionChange {
@@ -97,6 +128,17 @@ pub enum WriteOp {
         id: String,
         at: i64,
     },
+}
+
+/// A change of a subject's objections or consents, as its history records it.
+#[derive(Debug, Clone)]
+pub struct ConsentChange {
+    pub id: Uuid,
+    pub purpose: String,
+    pub route: String,
+    pub at: i64,
+    /// The caller id that made the change.
+    pub caller: String,
 }
 
 /// The record or hold change a [`WriteOp::RetentionChange`] makes.
@@ -146,6 +188,33 @@ pub enum WriteOutcome {
     Withdrawn {
         existed: bool,
     },
+    /// Consent was recorded (`false`: it already was in force), standing since `since`.
+    ConsentGranted {
+        new: bool,
+        since: i64,
+    },
+    /// Consent was withdrawn (`false`: none was in force).
+    ConsentWithdrawn {
+        existed: bool,
+    },
+    TokensIssued,
+    /// A token was redeemed (`already`: it had been before) for `purpose`.
+    TokenRedeemed {
+        already: bool,
+        purpose: String,
+    },
+    /// The restriction in force (`new`: placed by this op).
+    Restricted {
+        new: bool,
+        restriction_id: String,
+        since: i64,
+    },
+    /// `false`: no restriction was in force.
+    RestrictionLifted {
+        existed: bool,
+    },
+    DisclosureRecorded,
+    ReceiptStored,
     /// A record or hold changed; the subject's retention state is now at `version`.
     RetentionChanged {
         version: i64,
@@ -364,11 +433,25 @@ macro_rules! bulk_create {
     }};
 }
 
-/// Deletes what refers to an erased or shredded subject: objections, processing records, holds.
+/// The tables besides `subjects` whose rows name a subject and go when it is erased or shredded.
+/// None holds a personal value; the audit trail keeps what happened (ids and paths). Erasure
+/// receipts stay: they are the evidence of the erasure.
+const SUBJECT_TABLES: [&str; 8] = [
+    "objections",
+    "processing_records",
+    "legal_holds",
+    "consent_events",
+    "consents",
+    "unsubscribe_tokens",
+    "restrictions",
+    "disclosures",
+];
+
+/// Deletes what refers to an erased or shredded subject (every table of [`SUBJECT_TABLES`]).
 macro_rules! forget_subject {
     ($conn:expr, $idb:expr) => {
         async {
-            for table in ["objections", "processing_records", "legal_holds"] {
+            for table in SUBJECT_TABLES {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "DELETE FROM {table} WHERE subject_id = $1"
                 )))
@@ -379,6 +462,25 @@ macro_rules! forget_subject {
             Ok::<(), StoreError>(())
         }
         .await
+    };
+}
+
+/// Appends an entry to the consent history for a [`ConsentChange`] with `action`.
+macro_rules! consent_event {
+    ($conn:expr, $change:expr, $action:expr) => {
+        sqlx::query(
+            "INSERT INTO consent_events (subject_id, purpose, action, route, at_us, caller) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind($change.id.as_bytes().to_vec())
+        .bind($change.purpose.clone())
+        .bind($action)
+        .bind($change.route.clone())
+        .bind($change.at)
+        .bind($change.caller.clone())
+        .execute(&mut *$conn)
+        .await
+        .map(|_| ())
     };
 }
 
@@ -499,7 +601,7 @@ macro_rules! bulk_sweep {
                         b.push_bind(idb.clone()).push_bind(*at);
                     });
                     q.build().execute(&mut *$conn).await?;
-                    for table in ["objections", "processing_records", "legal_holds"] {
+                    for table in SUBJECT_TABLES {
                         let mut q = sqlx::QueryBuilder::new(format!("DELETE FROM {table} WHERE subject_id IN ("));
                         let mut list = q.separated(", ");
                         for (idb, _) in &shredded {
@@ -786,39 +888,231 @@ macro_rules! apply_one {
                     forget_subject!($conn, idb)?;
                     Ok(WriteOutcome::Shredded)
                 }
-                WriteOp::Object { id, purpose, route, at } => {
-                    let idb = id.as_bytes().to_vec();
+                WriteOp::Object(c) => {
+                    let idb = c.id.as_bytes().to_vec();
                     require_subject!($conn, idb)?;
                     let done = sqlx::query(
                         "INSERT INTO objections (subject_id, purpose, route, created_at) VALUES ($1, $2, $3, $4) \
                          ON CONFLICT (subject_id, purpose) DO NOTHING",
                     )
                     .bind(idb.clone())
-                    .bind(purpose.clone())
-                    .bind(route.clone())
-                    .bind(*at)
+                    .bind(c.purpose.clone())
+                    .bind(c.route.clone())
+                    .bind(c.at)
                     .execute(&mut *$conn)
                     .await?;
+                    let new = done.rows_affected() == 1;
+                    if new {
+                        consent_event!($conn, c, "object")?;
+                    }
                     // The objection stands from when it was first made.
                     let since: i64 = sqlx::query_scalar(
                         "SELECT created_at FROM objections WHERE subject_id = $1 AND purpose = $2",
                     )
                     .bind(idb)
-                    .bind(purpose.clone())
+                    .bind(c.purpose.clone())
                     .fetch_one(&mut *$conn)
                     .await?;
-                    Ok(WriteOutcome::Objected { new: done.rows_affected() == 1, since })
+                    Ok(WriteOutcome::Objected { new, since })
                 }
-                WriteOp::WithdrawObjection { id, purpose } => {
-                    let idb = id.as_bytes().to_vec();
+                WriteOp::WithdrawObjection(c) => {
+                    let idb = c.id.as_bytes().to_vec();
                     require_subject!($conn, idb)?;
                     let done = sqlx::query("DELETE FROM objections WHERE subject_id = $1 AND purpose = $2")
                         .bind(idb)
-                        .bind(purpose.clone())
+                        .bind(c.purpose.clone())
                         .execute(&mut *$conn)
                         .await?;
-                    Ok(WriteOutcome::Withdrawn { existed: done.rows_affected() == 1 })
+                    let existed = done.rows_affected() == 1;
+                    if existed {
+                        consent_event!($conn, c, "withdraw-objection")?;
+                    }
+                    Ok(WriteOutcome::Withdrawn { existed })
                 }
+                WriteOp::GrantConsent(c) => {
+                    let idb = c.id.as_bytes().to_vec();
+                    require_subject!($conn, idb)?;
+                    let done = sqlx::query(
+                        "INSERT INTO consents (subject_id, purpose, route, granted_at) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (subject_id, purpose) DO NOTHING",
+                    )
+                    .bind(idb.clone())
+                    .bind(c.purpose.clone())
+                    .bind(c.route.clone())
+                    .bind(c.at)
+                    .execute(&mut *$conn)
+                    .await?;
+                    let new = done.rows_affected() == 1;
+                    if new {
+                        consent_event!($conn, c, "grant")?;
+                    }
+                    let since: i64 = sqlx::query_scalar(
+                        "SELECT granted_at FROM consents WHERE subject_id = $1 AND purpose = $2",
+                    )
+                    .bind(idb)
+                    .bind(c.purpose.clone())
+                    .fetch_one(&mut *$conn)
+                    .await?;
+                    Ok(WriteOutcome::ConsentGranted { new, since })
+                }
+                WriteOp::WithdrawConsent(c) => {
+                    let idb = c.id.as_bytes().to_vec();
+                    require_subject!($conn, idb)?;
+                    let done = sqlx::query("DELETE FROM consents WHERE subject_id = $1 AND purpose = $2")
+                        .bind(idb)
+                        .bind(c.purpose.clone())
+                        .execute(&mut *$conn)
+                        .await?;
+                    let existed = done.rows_affected() == 1;
+                    if existed {
+                        consent_event!($conn, c, "withdraw-consent")?;
+                    }
+                    Ok(WriteOutcome::ConsentWithdrawn { existed })
+                }
+                WriteOp::IssueTokens { tokens, purpose, at } => {
+                    for chunk in tokens.chunks(200) {
+                        let mut q = sqlx::QueryBuilder::new(
+                            "INSERT INTO unsubscribe_tokens (token_hash, subject_id, purpose, issued_at) ",
+                        );
+                        q.push_values(chunk.iter(), |mut b, (hash, id)| {
+                            b.push_bind(hash.clone())
+                                .push_bind(id.as_bytes().to_vec())
+                                .push_bind(purpose.clone())
+                                .push_bind(*at);
+                        });
+                        q.build().execute(&mut *$conn).await?;
+                    }
+                    Ok(WriteOutcome::TokensIssued)
+                }
+                WriteOp::RedeemToken { hash, at, caller } => {
+                    let found: Option<(Vec<u8>, String, Option<i64>)> = sqlx::query_as(
+                        "SELECT subject_id, purpose, redeemed_at FROM unsubscribe_tokens WHERE token_hash = $1",
+                    )
+                    .bind(hash.clone())
+                    .fetch_optional(&mut *$conn)
+                    .await?;
+                    let (idb, purpose, redeemed_at) = found.ok_or(StoreError::NotFound)?;
+                    if redeemed_at.is_some() {
+                        return Ok(WriteOutcome::TokenRedeemed { already: true, purpose });
+                    }
+                    sqlx::query("UPDATE unsubscribe_tokens SET redeemed_at = $1 WHERE token_hash = $2")
+                        .bind(*at)
+                        .bind(hash.clone())
+                        .execute(&mut *$conn)
+                        .await?;
+                    let done = sqlx::query(
+                        "INSERT INTO objections (subject_id, purpose, route, created_at) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (subject_id, purpose) DO NOTHING",
+                    )
+                    .bind(idb.clone())
+                    .bind(purpose.clone())
+                    .bind("unsubscribe-link")
+                    .bind(*at)
+                    .execute(&mut *$conn)
+                    .await?;
+                    if done.rows_affected() == 1 {
+                        let c = ConsentChange {
+                            id: uuid_from(&idb)?,
+                            purpose: purpose.clone(),
+                            route: "unsubscribe-link".into(),
+                            at: *at,
+                            caller: caller.clone(),
+                        };
+                        consent_event!($conn, c, "object")?;
+                    }
+                    Ok(WriteOutcome::TokenRedeemed { already: false, purpose })
+                }
+                WriteOp::Restrict { id, restriction_id, reason, at, by } => {
+                    let idb = id.as_bytes().to_vec();
+                    let current: Option<Option<i64>> =
+                        sqlx::query_scalar("SELECT restricted_at FROM subjects WHERE id = $1")
+                            .bind(idb.clone())
+                            .fetch_optional(&mut *$conn)
+                            .await?;
+                    match current.ok_or(StoreError::NotFound)? {
+                        Some(since) => {
+                            let existing: String = sqlx::query_scalar(
+                                "SELECT id FROM restrictions WHERE subject_id = $1 AND lifted_at IS NULL \
+                                 ORDER BY placed_at DESC LIMIT 1",
+                            )
+                            .bind(idb)
+                            .fetch_one(&mut *$conn)
+                            .await?;
+                            Ok(WriteOutcome::Restricted { new: false, restriction_id: existing, since })
+                        }
+                        None => {
+                            sqlx::query(
+                                "INSERT INTO restrictions (id, subject_id, reason, placed_at, placed_by) \
+                                 VALUES ($1, $2, $3, $4, $5)",
+                            )
+                            .bind(restriction_id.clone())
+                            .bind(idb.clone())
+                            .bind(reason.clone())
+                            .bind(*at)
+                            .bind(by.clone())
+                            .execute(&mut *$conn)
+                            .await?;
+                            sqlx::query("UPDATE subjects SET restricted_at = $1 WHERE id = $2")
+                                .bind(*at)
+                                .bind(idb)
+                                .execute(&mut *$conn)
+                                .await?;
+                            Ok(WriteOutcome::Restricted { new: true, restriction_id: restriction_id.clone(), since: *at })
+                        }
+                    }
+                }
+                WriteOp::LiftRestriction { id, at, by } => {
+                    let idb = id.as_bytes().to_vec();
+                    require_subject!($conn, idb)?;
+                    let done = sqlx::query(
+                        "UPDATE restrictions SET lifted_at = $1, lifted_by = $2 WHERE subject_id = $3 AND lifted_at IS NULL",
+                    )
+                    .bind(*at)
+                    .bind(by.clone())
+                    .bind(idb.clone())
+                    .execute(&mut *$conn)
+                    .await?;
+                    sqlx::query("UPDATE subjects SET restricted_at = NULL WHERE id = $1")
+                        .bind(idb)
+                        .execute(&mut *$conn)
+                        .await?;
+                    Ok(WriteOutcome::RestrictionLifted { existed: done.rows_affected() > 0 })
+                }
+                WriteOp::RecordDisclosure(d) => {
+                    let idb = d.subject.as_bytes().to_vec();
+                    require_subject!($conn, idb)?;
+                    sqlx::query(
+                        "INSERT INTO disclosures (id, subject_id, recipient, purpose, legal_basis, paths, reference, \
+                         disclosed_at, recorded_at, recorded_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    )
+                    .bind(d.id.clone())
+                    .bind(idb)
+                    .bind(d.recipient.clone())
+                    .bind(d.purpose.clone())
+                    .bind(d.legal_basis.clone())
+                    .bind(d.paths.join(","))
+                    .bind(d.reference.clone())
+                    .bind(d.disclosed_at)
+                    .bind(d.recorded_at)
+                    .bind(d.recorded_by.clone())
+                    .execute(&mut *$conn)
+                    .await?;
+                    Ok(WriteOutcome::DisclosureRecorded)
+                }
+                WriteOp::InsertReceipt(r) => {
+                    sqlx::query(
+                        "INSERT INTO erasure_receipts (id, subject_id, issued_at, receipt, signature) VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(r.id.clone())
+                    .bind(r.subject.as_bytes().to_vec())
+                    .bind(r.issued_at)
+                    .bind(r.receipt.clone())
+                    .bind(r.signature.clone())
+                    .execute(&mut *$conn)
+                    .await?;
+                    Ok(WriteOutcome::ReceiptStored)
+                }
+                WriteOp::Sequence(_) => Err(StoreError::Database("a sequence of writes cannot be nested".into())),
                 WriteOp::InsertCaller(row) => {
                     sqlx::query(
                         "INSERT INTO callers (id, name, role, secret_hash, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -999,7 +1293,17 @@ async fn try_commit_batch(
                 continue;
             }
             sqlx::query("SAVEPOINT one").execute(&mut *tx).await?;
-            let outcome = apply_one!(&mut *tx, op);
+            let steps: &[WriteOp] = match op {
+                WriteOp::Sequence(steps) => steps,
+                one => std::slice::from_ref(one),
+            };
+            let mut outcome = Err(StoreError::Database("an empty sequence of writes".into()));
+            for step in steps {
+                outcome = apply_one!(&mut *tx, step);
+                if outcome.is_err() {
+                    break;
+                }
+            }
             match outcome {
                 Ok(done) => {
                     sqlx::query("RELEASE SAVEPOINT one").execute(&mut *tx).await?;
