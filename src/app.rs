@@ -23,7 +23,9 @@ use crate::{
     domain::{
         Callers, Retention, RetentionSettings, Vault,
         consent::Consent,
+        disclosure::Disclosures,
         keys::{KeyringError, open_audit_keys, open_keyring, open_rights_keys},
+        rights::Rights,
     },
     policy::{Policy, PolicyErrors},
     store::{Store, StoreError},
@@ -133,6 +135,14 @@ impl Application {
         ));
         retention.spawn_sweeper();
         let consent = Arc::new(Consent::new(vault.clone(), rights_keys.token_mac));
+        let rights = Arc::new(Rights::new(
+            vault.clone(),
+            retention.clone(),
+            consent.clone(),
+            trail.clone(),
+            crate::audit::signing_key_from_seed(&rights_keys.receipt_seed),
+        ));
+        let disclosures = Arc::new(Disclosures::new(vault.clone()));
         let failures = api::FailedAuthentications::new(
             trail.clone(),
             std::time::Duration::from_secs(args.audit.auth_failure_window_seconds.max(1)),
@@ -163,6 +173,8 @@ impl Application {
                 vault,
                 retention,
                 consent,
+                rights,
+                disclosures,
                 callers,
             },
             calls,

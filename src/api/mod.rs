@@ -6,8 +6,10 @@ mod auth;
 mod call;
 mod consent;
 mod convert;
+mod disclosure;
 pub mod pb;
 mod retention;
+mod rights;
 mod status;
 mod subject;
 
@@ -19,7 +21,9 @@ use tonic::transport::Server;
 pub use auth::{FailedAuthentications, RequestContext};
 pub use call::Calls;
 
-use crate::domain::{Callers, Retention, Vault, consent::Consent};
+use crate::domain::{
+    Callers, Retention, Vault, consent::Consent, disclosure::Disclosures, rights::Rights,
+};
 
 /// Largest request message kluis decodes; a larger one is refused by the transport with
 /// `OUT_OF_RANGE` before any handler runs.
@@ -33,6 +37,8 @@ pub struct Services {
     pub vault: Arc<Vault>,
     pub retention: Arc<Retention>,
     pub consent: Arc<Consent>,
+    pub rights: Arc<Rights>,
+    pub disclosures: Arc<Disclosures>,
     pub callers: Arc<Callers>,
 }
 
@@ -48,6 +54,8 @@ pub async fn serve(
         vault,
         retention,
         consent,
+        rights,
+        disclosures,
         callers,
     } = services;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -65,6 +73,12 @@ pub async fn serve(
         .await;
     health
         .set_serving::<pb::retention_service_server::RetentionServiceServer<retention::RetentionApi>>()
+        .await;
+    health
+        .set_serving::<pb::rights_service_server::RightsServiceServer<rights::RightsApi>>()
+        .await;
+    health
+        .set_serving::<pb::disclosure_service_server::DisclosureServiceServer<disclosure::DisclosureApi>>()
         .await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -107,6 +121,15 @@ pub async fn serve(
         retention::RetentionApi::new(retention, calls.clone()),
     )
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let rights = pb::rights_service_server::RightsServiceServer::new(rights::RightsApi::new(
+        rights,
+        calls.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let disclosures = pb::disclosure_service_server::DisclosureServiceServer::new(
+        disclosure::DisclosureApi::new(disclosures, calls.clone()),
+    )
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
     Server::builder()
         // Bounds the calls one connection can have in flight (and the memory they hold); a client
@@ -121,6 +144,8 @@ pub async fn serve(
         .add_service(consent)
         .add_service(audit)
         .add_service(retention)
+        .add_service(rights)
+        .add_service(disclosures)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
         .map_err(|e| ServeError(e.to_string()))

@@ -4,11 +4,15 @@ pub mod access;
 pub mod call;
 pub mod callers;
 pub mod consent;
+pub mod disclosure;
 mod error;
 pub mod keys;
 pub use crate::policy::paths;
+pub mod receipt;
 pub mod record;
 pub mod retention;
+pub mod rights;
+pub mod statement;
 pub mod values;
 pub mod vault;
 

@@ -841,6 +841,31 @@ impl Retention {
     }
 
     fn derive(&self, records: &[RecordRow], holds: &[HoldRow]) -> Result<Mark, DomainError> {
+        derive_mark(&self.policy, records, holds)
+    }
+
+    /// A subject's row, processing records and holds, as a change is planned against them.
+    pub(crate) async fn subject_state(
+        &self,
+        subject: Uuid,
+    ) -> Result<(SubjectRow, Vec<RecordRow>, Vec<HoldRow>), DomainError> {
+        let state = self.load(subject).await?;
+        Ok((state.row, state.records, state.holds))
+    }
+
+    /// Wakes the background sweeper (a change made something due).
+    pub(crate) fn wake_sweeper(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// The retention state (`Mark`) of a subject's records and the holds in force.
+pub(crate) fn derive_mark(
+    policy: &Policy,
+    records: &[RecordRow],
+    holds: &[HoldRow],
+) -> Result<Mark, DomainError> {
+    {
         let active: Vec<&HoldRow> = holds.iter().filter(|h| h.released_at.is_none()).collect();
         let facts: Vec<RecordFact<'_>> = records
             .iter()
@@ -854,10 +879,12 @@ impl Retention {
             })
             .collect();
         let subject_held = active.iter().any(|h| h.purpose.is_none());
-        lifecycle::derive(&self.policy, &facts, subject_held)
+        lifecycle::derive(policy, &facts, subject_held)
             .map_err(|e| DomainError::Internal(e.to_string()))
     }
+}
 
+impl Retention {
     fn record_view(&self, r: &RecordRow, holds: &[HoldRow]) -> RecordView {
         let keep_for = self
             .policy

@@ -445,6 +445,25 @@ impl Vault {
             )));
         }
         draft.subject(id);
+        // What a legal obligation keeps is not erased outright: RequestErasure erases the rest
+        // and signs a receipt for what stays.
+        let row = self.store.subject(id).await?.ok_or(DomainError::NotFound)?;
+        let stored = SealedRecord::decode_blob(&row.record)
+            .map_err(|e| data_loss(id, e))?
+            .paths();
+        let records = self.store.processing_records(id).await?;
+        let holds = self.store.legal_holds(id).await?;
+        let now = self.clock.now_us();
+        let kept = super::rights::legally_kept(&self.policy, &records, &holds, stored, now)?;
+        if !kept.is_empty() {
+            draft.event.detail = "denied=legal-retention".into();
+            let paths: Vec<&str> = kept.iter().map(|p| p.as_str()).collect();
+            return Err(DomainError::FailedPrecondition(format!(
+                "subject {id}: a legal obligation keeps {} (use RightsService.RequestErasure, \
+                 which erases the rest and signs a receipt)",
+                paths.join(", ")
+            )));
+        }
         draft.event.detail = "erased".into();
         let at = self.clock.now_us();
         self.store

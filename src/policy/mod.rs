@@ -10,7 +10,7 @@ pub mod lifecycle;
 mod mask;
 pub mod paths;
 mod pathset;
-mod period;
+pub(crate) mod period;
 mod role;
 
 use std::{collections::BTreeMap, fmt, path::Path};

@@ -8,6 +8,7 @@ mod helpers;
 mod operations;
 mod policy;
 mod retention;
+mod rights;
 mod security;
 mod subjects;
 mod validation;
