@@ -484,6 +484,42 @@ macro_rules! consent_event {
     };
 }
 
+/// Records the objection a [`ConsentChange`] makes (kept as first made; a history entry when
+/// new) and ends a consent in force for the purpose (with its history entry): reads under a
+/// consent-based purpose follow the consent, so an objection that left it would change nothing.
+/// Whether the objection is new.
+macro_rules! record_objection {
+    ($conn:expr, $change:expr) => {
+        async {
+            let idb = $change.id.as_bytes().to_vec();
+            let done = sqlx::query(
+                "INSERT INTO objections (subject_id, purpose, route, created_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (subject_id, purpose) DO NOTHING",
+            )
+            .bind(idb.clone())
+            .bind($change.purpose.clone())
+            .bind($change.route.clone())
+            .bind($change.at)
+            .execute(&mut *$conn)
+            .await?;
+            let new = done.rows_affected() == 1;
+            if new {
+                consent_event!($conn, $change, "object")?;
+            }
+            let ended = sqlx::query("DELETE FROM consents WHERE subject_id = $1 AND purpose = $2")
+                .bind(idb)
+                .bind($change.purpose.clone())
+                .execute(&mut *$conn)
+                .await?;
+            if ended.rows_affected() == 1 {
+                consent_event!($conn, $change, "withdraw-consent")?;
+            }
+            Ok::<bool, StoreError>(new)
+        }
+        .await
+    };
+}
+
 /// Why a compare-and-set on a subject matched no row: it is gone (`NotFound`) or changed
 /// (`VersionMismatch` with its retention version).
 macro_rules! retention_conflict {
@@ -891,20 +927,7 @@ macro_rules! apply_one {
                 WriteOp::Object(c) => {
                     let idb = c.id.as_bytes().to_vec();
                     require_subject!($conn, idb)?;
-                    let done = sqlx::query(
-                        "INSERT INTO objections (subject_id, purpose, route, created_at) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (subject_id, purpose) DO NOTHING",
-                    )
-                    .bind(idb.clone())
-                    .bind(c.purpose.clone())
-                    .bind(c.route.clone())
-                    .bind(c.at)
-                    .execute(&mut *$conn)
-                    .await?;
-                    let new = done.rows_affected() == 1;
-                    if new {
-                        consent_event!($conn, c, "object")?;
-                    }
+                    let new = record_objection!($conn, c)?;
                     // The objection stands from when it was first made.
                     let since: i64 = sqlx::query_scalar(
                         "SELECT created_at FROM objections WHERE subject_id = $1 AND purpose = $2",
@@ -1000,26 +1023,14 @@ macro_rules! apply_one {
                         .bind(hash.clone())
                         .execute(&mut *$conn)
                         .await?;
-                    let done = sqlx::query(
-                        "INSERT INTO objections (subject_id, purpose, route, created_at) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (subject_id, purpose) DO NOTHING",
-                    )
-                    .bind(idb.clone())
-                    .bind(purpose.clone())
-                    .bind("unsubscribe-link")
-                    .bind(*at)
-                    .execute(&mut *$conn)
-                    .await?;
-                    if done.rows_affected() == 1 {
-                        let c = ConsentChange {
-                            id: uuid_from(&idb)?,
-                            purpose: purpose.clone(),
-                            route: "unsubscribe-link".into(),
-                            at: *at,
-                            caller: caller.clone(),
-                        };
-                        consent_event!($conn, c, "object")?;
-                    }
+                    let c = ConsentChange {
+                        id: uuid_from(&idb)?,
+                        purpose: purpose.clone(),
+                        route: "unsubscribe-link".into(),
+                        at: *at,
+                        caller: caller.clone(),
+                    };
+                    record_objection!($conn, c)?;
                     Ok(WriteOutcome::TokenRedeemed { already: false, purpose })
                 }
                 WriteOp::Restrict { id, restriction_id, reason, at, by } => {

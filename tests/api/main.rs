@@ -4,6 +4,7 @@
 
 mod audit;
 mod cli;
+mod consent;
 mod helpers;
 mod operations;
 mod policy;
