@@ -413,3 +413,368 @@ async fn disclosures_go_only_to_named_recipients_and_show_in_the_explanation_and
     assert!(email["value"].as_str().unwrap().contains('@'));
     assert!(!doc["access_history"].as_array().unwrap().is_empty());
 }
+
+/// Reads a streamed export whole.
+async fn export(
+    app: &TestApp,
+    id: &str,
+    format: pb::ExportFormat,
+    language: pb::Language,
+) -> (String, Vec<u8>) {
+    let mut stream = rights(app)
+        .export_subject_data(pb::ExportSubjectDataRequest {
+            subject_id: id.into(),
+            verification: verified(),
+            format: format as i32,
+            language: language as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut content_type, mut bytes) = (String::new(), Vec::new());
+    while let Some(chunk) = stream.message().await.unwrap() {
+        if content_type.is_empty() {
+            content_type = chunk.content_type;
+        }
+        bytes.extend(chunk.chunk);
+    }
+    (content_type, bytes)
+}
+
+fn export_schema() -> jsonschema::Validator {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schema/export-v1.schema.json");
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    jsonschema::validator_for(&schema).unwrap()
+}
+
+fn schema_errors(validator: &jsonschema::Validator, doc: &serde_json::Value) -> Vec<String> {
+    validator
+        .iter_errors(doc)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect()
+}
+
+async fn explain(app: &TestApp, id: &str, language: pb::Language) -> String {
+    rights(app)
+        .explain_processing(pb::ExplainProcessingRequest {
+            subject_id: id.into(),
+            verification: verified(),
+            language: language as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .text
+}
+
+async fn sweep(app: &TestApp) -> pb::SweepResponse {
+    app.retention()
+        .sweep(pb::SweepRequest {
+            dry_run: false,
+            limit: 0,
+            at_background_rate: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn a_customer_walks_the_privacy_statement_from_explanation_to_erasure_and_the_sweeper_honours_the_receipt()
+ {
+    let app = spawn_quiet().await;
+    let (id, billing, hosting) = customer(&app).await;
+    let mut subscription = app.retention_under(&billing, "subscription");
+    subscription
+        .open_processing(pb::OpenProcessingRequest {
+            subject_id: id.clone(),
+            purpose: "subscription".into(),
+            reference: "SUB-7".into(),
+        })
+        .await
+        .unwrap();
+    subscription
+        .close_processing(pb::CloseProcessingRequest {
+            purpose: "subscription".into(),
+            reference: "SUB-7".into(),
+            event: "subscription_cancelled".into(),
+            at: None,
+        })
+        .await
+        .unwrap();
+
+    // "Inzage": the explanation in both languages, from the policy and the subject's own state.
+    let nl = explain(&app, &id, pb::Language::Nl).await;
+    for words in [
+        "TwenteNET",
+        "Afhandelen bestelling",
+        "Een abonnement afsluiten",
+        "Uw account",
+        "wettelijke verplichting",
+        "bewaard tot",
+        "Autoriteit Persoonsgegevens",
+        "2019-08",
+    ] {
+        assert!(nl.contains(words), "{words:?} missing from:\n{nl}");
+    }
+    let en = explain(&app, &id, pb::Language::En).await;
+    for words in ["legal obligation", "kept until", "complain to the Autoriteit Persoonsgegevens"] {
+        assert!(en.contains(words), "{words:?} missing from:\n{en}");
+    }
+    let subject = app.get(&id).await.unwrap();
+    let street = subject.address.as_ref().unwrap().street.clone();
+    let email = subject.contact.as_ref().unwrap().email.clone();
+    assert!(
+        !nl.contains(&street) && !nl.contains(&email),
+        "no values in an explanation"
+    );
+
+    // The export: complete, and valid against the published schema; the text form too.
+    let validator = export_schema();
+    let (content_type, bytes) = export(&app, &id, pb::ExportFormat::Json, pb::Language::Nl).await;
+    assert_eq!(content_type, "application/json");
+    let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(schema_errors(&validator, &doc), Vec::<String>::new());
+    let paths: Vec<&str> = doc["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        paths.contains(&"payment.iban") && paths.contains(&"activity_log"),
+        "{paths:?}"
+    );
+    assert_eq!(doc["processing_records"].as_array().unwrap().len(), 3);
+    let mut broken = doc.clone();
+    broken["fields"][0]["state"] = "forgotten".into();
+    assert!(
+        !schema_errors(&validator, &broken).is_empty(),
+        "the schema can fail"
+    );
+    let (content_type, text) = export(&app, &id, pb::ExportFormat::Text, pb::Language::En).await;
+    assert_eq!(content_type, "text/plain; charset=utf-8");
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.contains(&street) && text.contains("Who accessed your data"),
+        "{text}"
+    );
+
+    // Rectification of the address: validated like any write, then stored.
+    let mut rectify = pb::RectifySubjectRequest {
+        verification: verified(),
+        subject: Some(pb::Subject {
+            id: id.clone(),
+            address: Some(pb::Address {
+                street: "Koningsweg".into(),
+                postal_code: "not a postcode".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["address.street".into(), "address.postal_code".into()],
+        }),
+        expected_version: None,
+    };
+    let refused = rights(&app)
+        .rectify_subject(rectify.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(
+        app.get(&id).await.unwrap().address.unwrap().street,
+        street,
+        "nothing changed"
+    );
+    rectify
+        .subject
+        .as_mut()
+        .unwrap()
+        .address
+        .as_mut()
+        .unwrap()
+        .postal_code = "7672gd".into();
+    let done = rights(&app)
+        .rectify_subject(rectify)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        done.rectified_paths,
+        ["address.street", "address.postal_code"]
+    );
+    let address = app.get(&id).await.unwrap().address.unwrap();
+    assert_eq!(
+        (address.street.as_str(), address.postal_code.as_str()),
+        ("Koningsweg", "7672 GD")
+    );
+
+    // "Reclame": unsubscribing through the link in a mail.
+    let mailer = app.token_for("mailer", "marketing-mailer").await;
+    let mailing = app.consent_under(&mailer, "marketing");
+    let mut listing = mailing
+        .clone()
+        .list_marketing_audience(pb::ListMarketingAudienceRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut token = None;
+    while let Some(page) = listing.message().await.unwrap() {
+        for r in page.recipients {
+            if r.subject_id == id {
+                token = Some(r.unsubscribe_token);
+            }
+        }
+    }
+    let token = token.expect("the customer is mailed before unsubscribing");
+    mailing
+        .clone()
+        .redeem_unsubscribe_token(pb::RedeemUnsubscribeTokenRequest { token })
+        .await
+        .unwrap();
+    let mut listing = mailing
+        .clone()
+        .list_marketing_audience(pb::ListMarketingAudienceRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(page) = listing.message().await.unwrap() {
+        assert!(
+            page.recipients.iter().all(|r| r.subject_id != id),
+            "unsubscribed, not mailed"
+        );
+    }
+    let direct = app
+        .subjects_under(Some(&mailer), Some("marketing"), None)
+        .get_subject(pb::GetSubjectRequest {
+            id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(direct.code(), Code::FailedPrecondition);
+
+    // "Verwijderen": the customer leaves. Account paths go; order and subscription paths stay,
+    // with the due date of the subscription's seven years.
+    let receipt = erase(&app, &id, true).await.unwrap().receipt.unwrap();
+    for path in [
+        "profile.gender",
+        "payment.iban",
+        "payment.account_holder",
+        "account.username",
+        "activity_log",
+    ] {
+        assert!(
+            receipt.erased_paths.contains(&path.to_owned()),
+            "{path}: {receipt:?}"
+        );
+    }
+    assert!(!receipt.shredded);
+    let due: Vec<i64> = receipt
+        .retained
+        .iter()
+        .map(|k| {
+            assert_eq!(k.reason, pb::RetainedReason::LegalRetention as i32, "{k:?}");
+            k.due_time.as_ref().unwrap().seconds
+        })
+        .collect();
+    let last_due = *due.iter().max().unwrap();
+    assert!(
+        receipt
+            .retained
+            .iter()
+            .any(|k| k.path == "contact.phone" && k.purposes == ["subscription"])
+    );
+    let mut hosting_account = app.subjects_under(Some(&hosting), Some("account"), None);
+    let get = pb::GetSubjectRequest {
+        id: id.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        hosting_account
+            .get_subject(get.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let mut billing_sub = app.subjects_under(Some(&billing), Some("subscription"), None);
+    assert!(
+        billing_sub
+            .get_subject(get.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .subject
+            .unwrap()
+            .billing
+            .is_some()
+    );
+
+    // The sweeper honours the receipt: nothing goes a day before the due date, everything at it.
+    let now_s = receipt.issued_time.as_ref().unwrap().seconds;
+    app.clock
+        .advance_us((last_due - now_s - 86_400) * 1_000_000);
+    let early = sweep(&app).await;
+    assert_eq!((early.subjects_purged, early.subjects_shredded), (0, 0));
+    assert!(billing_sub.get_subject(get.clone()).await.is_ok());
+    app.clock.advance_us(86_400 * 1_000_000 + 1_000_000);
+    let due_sweep = sweep(&app).await;
+    assert_eq!(due_sweep.subjects_shredded, 1);
+    assert_eq!(
+        billing_sub
+            .get_subject(get.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(app.get(&id).await.unwrap_err().code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn an_authoritys_demand_is_recorded_with_its_legal_basis_and_refused_without_one() {
+    let app = spawn_quiet().await;
+    let (id, _billing, _hosting) = customer(&app).await;
+    let mut demand = disclosures_under(&app, &app.operator_token, "legal-demand");
+    let request = pb::RecordDisclosureRequest {
+        subject_id: id.clone(),
+        recipient: "Politie Oost-Nederland".into(),
+        paths: vec!["name.family".into(), "ip_addresses".into()],
+        reference: "PV-2026-118".into(),
+        ..Default::default()
+    };
+    let refused = demand.record_disclosure(request.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(format!("{refused:?}").contains("legal_basis"));
+    let recorded = demand
+        .record_disclosure(pb::RecordDisclosureRequest {
+            legal_basis: "Sv art. 126nd".into(),
+            ..request
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .disclosure
+        .unwrap();
+    assert_eq!(recorded.purpose, "legal-demand");
+    assert_eq!(recorded.paths, ["ip_addresses", "name.family"]);
+    let listed = disclosures_under(&app, &app.operator_token, OPERATOR_PURPOSE)
+        .list_disclosures(pb::ListDisclosuresRequest {
+            subject_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .disclosures;
+    assert_eq!(listed.len(), 1, "the refused one left nothing");
+    // Billing may not read the register.
+    let billing = app.token_for("billing2", "billing").await;
+    let denied = disclosures_under(&app, &billing, "order")
+        .list_disclosures(pb::ListDisclosuresRequest { subject_id: id })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+}
