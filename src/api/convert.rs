@@ -391,6 +391,28 @@ fn ip_addresses(list: &[pb::IpAddressRecord]) -> Result<Option<FieldValue>, Vec<
     )
 }
 
+/// The subject and the changes an update-shaped request (UpdateSubject, RectifySubject) names:
+/// `subject.id`, a non-empty mask whose paths must all be inside the caller's write grant (refused
+/// whole, before any value is looked at), and the values at those paths.
+pub fn subject_update(
+    access: &crate::domain::access::Access,
+    subject: &pb::Subject,
+    mask: Option<&FieldMask>,
+    draft: &mut crate::domain::call::Draft,
+) -> Result<(Uuid, FieldChanges), DomainError> {
+    let id =
+        subject_id("subject.id", &subject.id).map_err(|v| DomainError::InvalidArgument(vec![v]))?;
+    let paths = mask_paths(mask, "update_mask")?;
+    if paths.is_empty() {
+        return Err(DomainError::invalid(
+            "update_mask",
+            "name at least one field path to set",
+        ));
+    }
+    access.check_write(paths.iter().copied(), draft)?;
+    Ok((id, subject_changes(subject, &paths)?))
+}
+
 /// One activity entry (RecordActivity), checked like an entry of `activity_log`.
 pub fn activity_entry(entry: Option<&pb::ActivityEntry>) -> Result<ActivityRecord, DomainError> {
     let Some(entry) = entry else {

@@ -204,17 +204,8 @@ impl pb::rights_service_server::RightsService for RightsApi {
             let access = self.calls.authorize(&ctx)?;
             let v = verification(req.verification.as_ref())?;
             let subject = req.subject.unwrap_or_default();
-            let id = convert::subject_id("subject.id", &subject.id)
-                .map_err(|v| DomainError::InvalidArgument(vec![v]))?;
-            let paths = convert::mask_paths(req.update_mask.as_ref(), "update_mask")?;
-            if paths.is_empty() {
-                return Err(DomainError::invalid(
-                    "update_mask",
-                    "name at least one field path to correct",
-                ));
-            }
-            access.check_write(paths.iter().copied(), &mut draft)?;
-            let changes = convert::subject_changes(&subject, &paths)?;
+            let (id, changes) =
+                convert::subject_update(&access, &subject, req.update_mask.as_ref(), &mut draft)?;
             let rectified =
                 convert::path_names(crate::policy::PathSet::from_paths(changes.keys().copied()));
             let shown = self

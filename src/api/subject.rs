@@ -82,18 +82,8 @@ impl pb::subject_service_server::SubjectService for SubjectApi {
         let result = async {
             let access = self.calls.authorize(&ctx)?;
             let subject = req.subject.unwrap_or_default();
-            let id = convert::subject_id("subject.id", &subject.id)
-                .map_err(|v| DomainError::InvalidArgument(vec![v]))?;
-            let paths = convert::mask_paths(req.update_mask.as_ref(), "update_mask")?;
-            if paths.is_empty() {
-                return Err(DomainError::invalid(
-                    "update_mask",
-                    "name at least one field path to set",
-                ));
-            }
-            // Refused whole, before any value is looked at, when a path is outside the grant.
-            access.check_write(paths.iter().copied(), &mut draft)?;
-            let changes = convert::subject_changes(&subject, &paths)?;
+            let (id, changes) =
+                convert::subject_update(&access, &subject, req.update_mask.as_ref(), &mut draft)?;
             let source = convert::source(&req.source)?;
             self.vault
                 .update(
