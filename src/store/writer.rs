@@ -969,6 +969,16 @@ macro_rules! apply_one {
                     if new {
                         consent_event!($conn, c, "grant")?;
                     }
+                    // A consent given now supersedes an objection made before: the subject's
+                    // latest choice stands, and the history shows both.
+                    let lifted = sqlx::query("DELETE FROM objections WHERE subject_id = $1 AND purpose = $2")
+                        .bind(idb.clone())
+                        .bind(c.purpose.clone())
+                        .execute(&mut *$conn)
+                        .await?;
+                    if lifted.rows_affected() == 1 {
+                        consent_event!($conn, c, "withdraw-objection")?;
+                    }
                     let since: i64 = sqlx::query_scalar(
                         "SELECT granted_at FROM consents WHERE subject_id = $1 AND purpose = $2",
                     )

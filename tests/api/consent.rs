@@ -920,6 +920,28 @@ async fn under_a_consent_based_purpose_the_unsubscribe_link_and_an_objection_end
         .unwrap();
     let later = audience(&mailing).await;
     assert!(later.contains_key(&a.id), "mailed again after new consent");
+    let regranted = history(&app, &a.id).await;
+    assert!(
+        regranted.objected_purposes.is_empty(),
+        "the new consent supersedes the objection: {regranted:?}"
+    );
+    assert_eq!(
+        entries(&regranted)[3..],
+        [
+            entry(
+                "marketing",
+                pb::ConsentAction::Grant,
+                pb::ObjectionRoute::Portal,
+                &backend
+            ),
+            entry(
+                "marketing",
+                pb::ConsentAction::WithdrawObjection,
+                pb::ObjectionRoute::Portal,
+                &backend
+            ),
+        ]
+    );
     front
         .redeem_unsubscribe_token(pb::RedeemUnsubscribeTokenRequest {
             token: later[&a.id].unsubscribe_token.clone(),

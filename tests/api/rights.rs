@@ -519,7 +519,11 @@ async fn a_customer_walks_the_privacy_statement_from_explanation_to_erasure_and_
         assert!(nl.contains(words), "{words:?} missing from:\n{nl}");
     }
     let en = explain(&app, &id, pb::Language::En).await;
-    for words in ["legal obligation", "kept until", "complain to the Autoriteit Persoonsgegevens"] {
+    for words in [
+        "legal obligation",
+        "kept until",
+        "complain to the Autoriteit Persoonsgegevens",
+    ] {
         assert!(en.contains(words), "{words:?} missing from:\n{en}");
     }
     let subject = app.get(&id).await.unwrap();
