@@ -11,7 +11,7 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 use crate::helpers::{
-    Consent, OPERATOR_PURPOSE, OPERATOR_REASON, Raw, Subjects, TestApp, TestDb, captured_logs,
+    Consent, OPERATOR_PURPOSE, OPERATOR_REASON, Subjects, TestApp, TestDb, captured_logs,
     full_subject, spawn_kluis, spawn_with, tag,
 };
 
@@ -239,27 +239,6 @@ fn violation_fields(err: &Status) -> Vec<String> {
 
 fn ts(seconds: i64) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds, nanos: 0 }
-}
-
-/// Every stored audit event body as text.
-async fn audit_bodies(app: &TestApp) -> String {
-    let raw = app.db.raw().await;
-    let bodies: Vec<Vec<u8>> = match &raw {
-        Raw::Sqlite(p) => sqlx::query_scalar("SELECT body FROM audit_events")
-            .fetch_all(p)
-            .await
-            .unwrap(),
-        Raw::Pg(p) => sqlx::query_scalar("SELECT body FROM audit_events")
-            .fetch_all(p)
-            .await
-            .unwrap(),
-    };
-    raw.close().await;
-    bodies
-        .iter()
-        .map(|b| String::from_utf8_lossy(b).into_owned())
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 // ---- 1. the marketing audience ------------------------------------------------------------------
@@ -1182,7 +1161,7 @@ async fn consent_calls_leave_no_email_ip_address_or_token_in_the_audit_trail_or_
     let _ = read(&portal, &a.id).await.unwrap();
     let _ = history(&app, &a.id).await;
 
-    let stored = audit_bodies(&app).await;
+    let stored = app.audit_bodies().await;
     let queried = format!("{:?}", app.audit_events(Default::default()).await);
     assert!(
         stored.contains("contact.email") && stored.contains("activity_log"),

@@ -459,6 +459,27 @@ impl TestApp {
     }
 
     /// `sql` (a single count) against the test database.
+    /// Every stored audit event body as text (to look for values that must not be there).
+    pub async fn audit_bodies(&self) -> String {
+        let raw = self.db.raw().await;
+        let bodies: Vec<Vec<u8>> = match &raw {
+            Raw::Sqlite(p) => sqlx::query_scalar("SELECT body FROM audit_events")
+                .fetch_all(p)
+                .await
+                .unwrap(),
+            Raw::Pg(p) => sqlx::query_scalar("SELECT body FROM audit_events")
+                .fetch_all(p)
+                .await
+                .unwrap(),
+        };
+        raw.close().await;
+        bodies
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub async fn raw_count(&self, sql: &'static str) -> i64 {
         let raw = self.db.raw().await;
         let n = raw.count_all(sql).await;

@@ -782,3 +782,92 @@ async fn an_authoritys_demand_is_recorded_with_its_legal_basis_and_refused_witho
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
 }
+
+#[tokio::test]
+async fn rights_calls_leave_no_personal_value_in_the_audit_trail_receipts_or_logs() {
+    let app = spawn_quiet().await;
+    let (id, billing, _hosting) = customer(&app).await;
+    let subject = app.get(&id).await.unwrap();
+    let canaries: Vec<String> = vec![
+        subject.name.as_ref().unwrap().given.clone(),
+        subject.address.as_ref().unwrap().street.clone(),
+        subject.contact.as_ref().unwrap().email.clone(),
+        subject.payment.as_ref().unwrap().iban.clone(),
+        subject.payment.as_ref().unwrap().account_holder.clone(),
+        subject.account.as_ref().unwrap().username.clone(),
+        "Rectified Street 9".into(),
+    ];
+    let _ = explain(&app, &id, pb::Language::Nl).await;
+    let (_, exported) = export(&app, &id, pb::ExportFormat::Json, pb::Language::Nl).await;
+    assert!(
+        String::from_utf8_lossy(&exported).contains(&canaries[1]),
+        "the export, the subject's own copy, holds the values"
+    );
+    rights(&app)
+        .rectify_subject(pb::RectifySubjectRequest {
+            verification: verified(),
+            subject: Some(pb::Subject {
+                id: id.clone(),
+                address: Some(pb::Address {
+                    street: canaries[6].clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["address.street".into()],
+            }),
+            expected_version: None,
+        })
+        .await
+        .unwrap();
+    disclosures_under(&app, &billing, "order")
+        .record_disclosure(pb::RecordDisclosureRequest {
+            subject_id: id.clone(),
+            recipient: "bezorgdienst".into(),
+            paths: vec!["address.street".into()],
+            reference: "INV-9".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut r = rights(&app);
+    r.restrict_processing(pb::RestrictProcessingRequest {
+        subject_id: id.clone(),
+        verification: verified(),
+        reason: "CASE-9".into(),
+    })
+    .await
+    .unwrap();
+    r.lift_restriction(pb::LiftRestrictionRequest {
+        subject_id: id.clone(),
+        verification: verified(),
+    })
+    .await
+    .unwrap();
+    let erased = erase(&app, &id, true).await.unwrap();
+
+    let stored = app.audit_bodies().await;
+    assert!(
+        stored.contains("verified-by=support-7"),
+        "the verification is recorded"
+    );
+    let queried = format!("{:?}", app.audit_events(Default::default()).await);
+    let logs = crate::helpers::captured_logs();
+    assert!(logs.contains(&id), "this server's logs are captured");
+    for (what, text) in [
+        ("stored audit bodies", &stored),
+        ("queried audit events", &queried),
+        ("the receipt", &erased.receipt_json),
+        ("logs", &logs),
+    ] {
+        let lower = text.to_lowercase();
+        for value in &canaries {
+            assert!(
+                !lower.contains(&value.to_lowercase()),
+                "{what} hold a personal value ({} characters)",
+                value.len()
+            );
+        }
+    }
+}
