@@ -134,7 +134,12 @@ impl Application {
             retention_settings(args),
         ));
         retention.spawn_sweeper();
-        let consent = Arc::new(Consent::new(vault.clone(), rights_keys.token_mac));
+        let consent = Arc::new(Consent::new(
+            vault.clone(),
+            rights_keys.token_mac,
+            std::time::Duration::from_secs(u64::from(args.consent.unsubscribe_token_days) * 86_400),
+        ));
+        consent.spawn_token_pruning();
         let rights = Arc::new(Rights::new(
             vault.clone(),
             retention.clone(),
@@ -185,6 +190,11 @@ impl Application {
     /// The retention engine of this instance.
     pub fn retention(&self) -> &Arc<Retention> {
         &self.services.retention
+    }
+
+    /// The consent service of this instance (tests prune its tokens).
+    pub fn consent(&self) -> &Arc<Consent> {
+        &self.services.consent
     }
 
     /// The audit trail of this instance.

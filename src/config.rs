@@ -42,6 +42,29 @@ pub struct ServeArgs {
     pub audit: AuditArgs,
     #[command(flatten)]
     pub retention: RetentionArgs,
+    #[command(flatten)]
+    pub consent: ConsentArgs,
+}
+
+/// Settings of the consent service.
+#[derive(Clone, Debug, Args)]
+pub struct ConsentArgs {
+    /// Days an unsubscribe token from a marketing mail stays redeemable; older tokens are pruned
+    /// daily (the subject can still object through the account, the portal or an operator).
+    #[arg(
+        long = "unsubscribe-token-days",
+        env = "KLUIS_UNSUBSCRIBE_TOKEN_DAYS",
+        default_value_t = 400
+    )]
+    pub unsubscribe_token_days: u32,
+}
+
+impl Default for ConsentArgs {
+    fn default() -> Self {
+        Self {
+            unsubscribe_token_days: 400,
+        }
+    }
 }
 
 /// Settings of the retention engine.
@@ -153,6 +176,7 @@ impl ServeArgs {
             policy: None,
             audit: AuditArgs::default(),
             retention: RetentionArgs::default(),
+            consent: ConsentArgs::default(),
         }
     }
 

@@ -35,6 +35,8 @@ CREATE TABLE unsubscribe_tokens (
     redeemed_at INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX unsubscribe_tokens_subject ON unsubscribe_tokens (subject_id);
+-- Tokens older than the configured validity are pruned daily.
+CREATE INDEX unsubscribe_tokens_issued ON unsubscribe_tokens (issued_at);
 
 -- Restrictions of processing (GDPR art. 18), with their history. `subjects.restricted_at` is set
 -- while one is in force, so a read learns it from the row it reads anyway.

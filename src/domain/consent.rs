@@ -2,7 +2,7 @@
 //! full history, the marketing audience with fresh unsubscribe handles, and redeeming a handle
 //! from a mail's link (the statement's "Reclame": objection at any time, by three routes).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use uuid::Uuid;
 
@@ -62,11 +62,43 @@ pub struct AudiencePage {
 pub struct Consent {
     vault: Arc<Vault>,
     token_key: SecretKey,
+    /// How long an unsubscribe token stays redeemable.
+    token_validity: Duration,
 }
 
 impl Consent {
-    pub fn new(vault: Arc<Vault>, token_key: SecretKey) -> Self {
-        Self { vault, token_key }
+    pub fn new(vault: Arc<Vault>, token_key: SecretKey, token_validity: Duration) -> Self {
+        Self {
+            vault,
+            token_key,
+            token_validity,
+        }
+    }
+
+    fn validity_us(&self) -> i64 {
+        i64::try_from(self.token_validity.as_micros()).unwrap_or(i64::MAX)
+    }
+
+    /// Deletes the unsubscribe tokens older than their validity; how many.
+    pub async fn prune_tokens(&self) -> Result<u64, DomainError> {
+        let cutoff = self.vault.clock.now_us().saturating_sub(self.validity_us());
+        Ok(self.vault.store.prune_unsubscribe_tokens(cutoff).await?)
+    }
+
+    /// Prunes expired unsubscribe tokens once a day, in the background.
+    pub fn spawn_token_pruning(self: &Arc<Self>) {
+        let consent = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(24 * 3600));
+            loop {
+                tick.tick().await;
+                match consent.prune_tokens().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(tokens = n, "expired unsubscribe tokens pruned"),
+                    Err(e) => tracing::warn!(error = %e, "pruning unsubscribe tokens failed"),
+                }
+            }
+        });
     }
 
     /// Records the subject's objection against `purpose`. Refused (`FailedPrecondition`, naming
@@ -300,7 +332,8 @@ impl Consent {
 
     /// Redeems an unsubscribe handle: the objection against the purpose it was issued for, by
     /// the unsubscribe link. Returns the purpose and whether the handle had been redeemed before
-    /// (then nothing changes). A text that is no issued handle is `NotFound`.
+    /// (then nothing changes). A text that is no issued handle, or one older than the tokens'
+    /// validity, is `NotFound`.
     pub async fn redeem(
         &self,
         access: &Access,
@@ -313,10 +346,12 @@ impl Consent {
             },
         )?;
         draft.event.detail = "unsubscribe".into();
+        let now = self.vault.clock.now_us();
         let op = WriteOp::RedeemToken {
             hash: hash.to_vec(),
-            at: self.vault.clock.now_us(),
+            at: now,
             caller: access.caller.id.clone(),
+            issued_after: now.saturating_sub(self.validity_us()),
         };
         match self.write(op, draft).await {
             Ok(WriteOutcome::TokenRedeemed { already, purpose }) => Ok((purpose, already)),

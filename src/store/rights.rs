@@ -236,6 +236,14 @@ impl Store {
             .collect()
     }
 
+    /// Deletes unsubscribe tokens issued before `cutoff`; how many.
+    pub async fn prune_unsubscribe_tokens(&self, cutoff: i64) -> Result<u64, StoreError> {
+        let done: u64 = on_pool!(&self.backend, pool => sqlx::query(
+            "DELETE FROM unsubscribe_tokens WHERE issued_at < $1")
+            .bind(cutoff).execute(pool).await.map(|d| d.rows_affected()))?;
+        Ok(done)
+    }
+
     /// The erasure receipts issued for a subject, oldest first.
     pub async fn receipts(&self, subject: Uuid) -> Result<Vec<ReceiptRow>, StoreError> {
         let idb = subject.as_bytes().to_vec();

@@ -70,6 +70,8 @@ pub enum WriteOp {
         hash: Vec<u8>,
         at: i64,
         caller: String,
+        /// Tokens issued before this are no longer redeemable (`NotFound`).
+        issued_after: i64,
     },
     /// Places a restriction of processing unless one is in force.
     Restrict {
@@ -1017,11 +1019,13 @@ macro_rules! apply_one {
                     }
                     Ok(WriteOutcome::TokensIssued)
                 }
-                WriteOp::RedeemToken { hash, at, caller } => {
+                WriteOp::RedeemToken { hash, at, caller, issued_after } => {
                     let found: Option<(Vec<u8>, String, Option<i64>)> = sqlx::query_as(
-                        "SELECT subject_id, purpose, redeemed_at FROM unsubscribe_tokens WHERE token_hash = $1",
+                        "SELECT subject_id, purpose, redeemed_at FROM unsubscribe_tokens \
+                         WHERE token_hash = $1 AND issued_at >= $2",
                     )
                     .bind(hash.clone())
+                    .bind(*issued_after)
                     .fetch_optional(&mut *$conn)
                     .await?;
                     let (idb, purpose, redeemed_at) = found.ok_or(StoreError::NotFound)?;

@@ -1202,3 +1202,47 @@ async fn consent_calls_leave_no_email_ip_address_or_token_in_the_audit_trail_or_
         }
     }
 }
+
+#[tokio::test]
+async fn an_unsubscribe_token_past_its_validity_is_refused_and_pruned() {
+    let app = spawn_kluis().await;
+    let mailer = app.token_for("mailer", "marketing-mailer").await;
+    let a = app.create(full_subject(&tag())).await;
+    let mailing = app.consent_under(&mailer, "marketing");
+    let old = audience(&mailing).await[&a.id].unsubscribe_token.clone();
+    // 400 days by default: a token of 399 days ago still works (redeemed below), one of 401
+    // days ago does not.
+    app.clock.advance_us(2 * 86_400_000_000);
+    let fresh = audience(&mailing).await[&a.id].unsubscribe_token.clone();
+    app.clock.advance_us(399 * 86_400_000_000);
+    let mut front = app.consent_under(&mailer, "marketing");
+    let expired = front
+        .redeem_unsubscribe_token(pb::RedeemUnsubscribeTokenRequest { token: old })
+        .await
+        .unwrap_err();
+    assert_eq!(expired.code(), Code::NotFound);
+    assert!(
+        history(&app, &a.id).await.events.is_empty(),
+        "nothing changed"
+    );
+    assert_eq!(
+        app.raw_count("SELECT COUNT(*) FROM unsubscribe_tokens")
+            .await,
+        2
+    );
+    assert_eq!(
+        app.consent.prune_tokens().await.unwrap(),
+        1,
+        "only the expired one"
+    );
+    assert_eq!(
+        app.raw_count("SELECT COUNT(*) FROM unsubscribe_tokens")
+            .await,
+        1
+    );
+    front
+        .redeem_unsubscribe_token(pb::RedeemUnsubscribeTokenRequest { token: fresh })
+        .await
+        .unwrap();
+    assert_eq!(history(&app, &a.id).await.objected_purposes, ["marketing"]);
+}

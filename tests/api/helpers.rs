@@ -289,6 +289,8 @@ pub struct TestApp {
     pub db: Arc<TestDb>,
     pub store: kluis::store::Store,
     pub trail: Arc<kluis::audit::AuditTrail>,
+    /// The consent service (its token pruning runs daily; tests call it).
+    pub consent: Arc<kluis::domain::consent::Consent>,
     /// The server's clock: `advance_us` jumps it ahead (retention tests jump years).
     pub clock: Clock,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -325,6 +327,7 @@ pub async fn spawn_with(db: Arc<TestDb>, configure: impl FnOnce(&mut ServeArgs))
     let addr = app.local_addr();
     let store = app.store().clone();
     let trail = app.audit_trail().clone();
+    let consent = app.consent().clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until(async {
         let _ = rx.await;
@@ -344,6 +347,7 @@ pub async fn spawn_with(db: Arc<TestDb>, configure: impl FnOnce(&mut ServeArgs))
         db,
         store,
         trail,
+        consent,
         clock,
         shutdown: Some(tx),
         task: Some(task),
