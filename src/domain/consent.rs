@@ -347,11 +347,22 @@ impl Consent {
         )?;
         draft.event.detail = "unsubscribe".into();
         let now = self.vault.clock.now_us();
+        let issued_after = now.saturating_sub(self.validity_us());
+        // The audit event names the subject (the caller is never told it).
+        let subject = self
+            .vault
+            .store
+            .unsubscribe_token_subject(&hash, issued_after)
+            .await?
+            .ok_or(DomainError::NotFoundNamed {
+                what: "unsubscribe token",
+            })?;
+        draft.subject(subject);
         let op = WriteOp::RedeemToken {
             hash: hash.to_vec(),
             at: now,
             caller: access.caller.id.clone(),
-            issued_after: now.saturating_sub(self.validity_us()),
+            issued_after,
         };
         match self.write(op, draft).await {
             Ok(WriteOutcome::TokenRedeemed { already, purpose }) => Ok((purpose, already)),

@@ -485,12 +485,12 @@ impl Rights {
                 .map_err(|e| DomainError::Unavailable(format!("audit trail: {e}")))?;
             let Some((last, _)) = page.last() else { break };
             after = *last;
-            let full = page.len() < 1000;
+            let last_page = page.len() < 1000;
             access_history.extend(page);
             if access_history.len() > MAX_ACCESS_HISTORY {
                 access_history.drain(..access_history.len() - MAX_ACCESS_HISTORY);
             }
-            if full {
+            if last_page {
                 break;
             }
         }

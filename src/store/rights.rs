@@ -236,6 +236,19 @@ impl Store {
             .collect()
     }
 
+    /// The subject an unsubscribe token (by its keyed hash) was issued for, if it was issued at or
+    /// after `issued_after`.
+    pub async fn unsubscribe_token_subject(
+        &self,
+        hash: &[u8],
+        issued_after: i64,
+    ) -> Result<Option<Uuid>, StoreError> {
+        let found: Option<Vec<u8>> = on_pool!(&self.backend, pool => sqlx::query_scalar(
+            "SELECT subject_id FROM unsubscribe_tokens WHERE token_hash = $1 AND issued_at >= $2")
+            .bind(hash.to_vec()).bind(issued_after).fetch_optional(pool).await)?;
+        found.map(|id| uuid_from(&id)).transpose()
+    }
+
     /// Deletes unsubscribe tokens issued before `cutoff`; how many.
     pub async fn prune_unsubscribe_tokens(&self, cutoff: i64) -> Result<u64, StoreError> {
         let done: u64 = on_pool!(&self.backend, pool => sqlx::query(

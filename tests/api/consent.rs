@@ -1245,4 +1245,15 @@ async fn an_unsubscribe_token_past_its_validity_is_refused_and_pruned() {
         .await
         .unwrap();
     assert_eq!(history(&app, &a.id).await.objected_purposes, ["marketing"]);
+    // The trail names the subject of a redemption (the caller is never told it); the expired
+    // token's refusal could not, and does not, name anyone.
+    let redeemed = app
+        .audit_events(pb::QueryAuditLogRequest {
+            subject_id: a.id.clone(),
+            method: "kluis.v1.ConsentService/RedeemUnsubscribeToken".into(),
+            ..Default::default()
+        })
+        .await;
+    let outcomes: Vec<&str> = redeemed.iter().map(|e| e.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["OK"], "{redeemed:?}");
 }
