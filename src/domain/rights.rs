@@ -352,7 +352,14 @@ impl Rights {
                     retention_version,
                     at: now,
                 });
-            } else if !erased.is_empty() {
+            } else if erased.is_empty() {
+                // Nothing to purge: the receipt still speaks for the state it was planned on.
+                steps.push(WriteOp::Expect {
+                    id,
+                    version: row.version,
+                    retention_version,
+                });
+            } else {
                 for path in erased.iter() {
                     record.clear(path);
                 }

@@ -91,6 +91,13 @@ pub enum WriteOp {
     RecordDisclosure(super::DisclosureRow),
     /// Stores a signed erasure receipt.
     InsertReceipt(super::ReceiptRow),
+    /// Changes nothing; fails (`VersionMismatch`, `NotFound`) unless the subject is still at
+    /// `version` and `retention_version` (a sequence planned on that state checks it held).
+    Expect {
+        id: Uuid,
+        version: u64,
+        retention_version: i64,
+    },
     /// Ops applied in order in one savepoint, all or none (an erasure closes records, purges and
     /// stores its receipt). The outcome is the last op's. Not nested.
     Sequence(Vec<WriteOp>),
@@ -1136,6 +1143,21 @@ macro_rules! apply_one {
                     .execute(&mut *$conn)
                     .await?;
                     Ok(WriteOutcome::ReceiptStored)
+                }
+                WriteOp::Expect { id, version, retention_version } => {
+                    let idb = id.as_bytes().to_vec();
+                    let found: Option<i64> = sqlx::query_scalar(
+                        "SELECT version FROM subjects WHERE id = $1 AND version = $2 AND retention_version = $3",
+                    )
+                    .bind(idb.clone())
+                    .bind(*version as i64)
+                    .bind(*retention_version)
+                    .fetch_optional(&mut *$conn)
+                    .await?;
+                    match found {
+                        Some(_) => Ok(WriteOutcome::Recorded),
+                        None => Err(retention_conflict!($conn, idb)),
+                    }
                 }
                 WriteOp::Sequence(_) => Err(StoreError::Database("a sequence of writes cannot be nested".into())),
                 WriteOp::InsertCaller(row) => {

@@ -871,3 +871,59 @@ async fn rights_calls_leave_no_personal_value_in_the_audit_trail_receipts_or_log
         }
     }
 }
+
+#[tokio::test]
+async fn an_erasure_that_erases_nothing_says_so_and_answers_for_the_state_it_saw() {
+    let app = spawn_quiet().await;
+    let hosting = app.token_for("backend", "hosting-backend").await;
+    let id = app
+        .create(pb::Subject {
+            name: Some(pb::Name {
+                given: "Els".into(),
+                family: "de Vries".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .id;
+    app.retention_under(&hosting, "account")
+        .open_processing(pb::OpenProcessingRequest {
+            subject_id: id.clone(),
+            purpose: "account".into(),
+            reference: "ACC-77".into(),
+        })
+        .await
+        .unwrap();
+    let r = erase(&app, &id, false).await.unwrap().receipt.unwrap();
+    assert!(r.erased_paths.is_empty() && !r.shredded);
+    assert_eq!(
+        retained(&r, pb::RetainedReason::ContractInForce),
+        ["name.given", "name.family"]
+    );
+    let before = app.get(&id).await.unwrap();
+    assert_eq!(before.version, 1, "nothing written");
+    // The check such an erasure commits with refuses a state that moved on.
+    let uuid = id.parse().unwrap();
+    let stale = app
+        .store
+        .write(kluis::store::WriteOp::Expect {
+            id: uuid,
+            version: 0,
+            retention_version: 1,
+        })
+        .await;
+    assert!(
+        matches!(stale, Err(kluis::store::StoreError::VersionMismatch { .. })),
+        "{stale:?}"
+    );
+    assert!(
+        app.store
+            .write(kluis::store::WriteOp::Expect {
+                id: uuid,
+                version: 1,
+                retention_version: 1,
+            })
+            .await
+            .is_ok()
+    );
+}
