@@ -927,3 +927,130 @@ async fn an_erasure_that_erases_nothing_says_so_and_answers_for_the_state_it_saw
             .is_ok()
     );
 }
+
+#[tokio::test]
+async fn every_rights_call_needs_an_operator_and_a_named_verification_and_refusals_change_nothing()
+{
+    let app = spawn_quiet().await;
+    let (id, billing, _hosting) = customer(&app).await;
+    let missing = || None;
+    let half = || {
+        Some(pb::IdentityVerification {
+            verified_by: "support-7".into(),
+            method: pb::VerificationMethod::Unspecified as i32,
+        })
+    };
+    let named_person = || {
+        Some(pb::IdentityVerification {
+            verified_by: "Jan Jansen".into(),
+            method: pb::VerificationMethod::PortalSession as i32,
+        })
+    };
+    for (what, verification) in [
+        ("missing", missing()),
+        ("no method", half()),
+        ("a name", named_person()),
+    ] {
+        let mut r = rights(&app);
+        let mut codes = Vec::new();
+        codes.push(
+            r.explain_processing(pb::ExplainProcessingRequest {
+                subject_id: id.clone(),
+                verification: verification.clone(),
+                language: 0,
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        );
+        codes.push(
+            r.export_subject_data(pb::ExportSubjectDataRequest {
+                subject_id: id.clone(),
+                verification: verification.clone(),
+                format: 0,
+                language: 0,
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        );
+        codes.push(
+            r.request_erasure(pb::RequestErasureRequest {
+                subject_id: id.clone(),
+                verification: verification.clone(),
+                end_contracts: true,
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        );
+        codes.push(
+            r.restrict_processing(pb::RestrictProcessingRequest {
+                subject_id: id.clone(),
+                verification: verification.clone(),
+                reason: "CASE-1".into(),
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        );
+        codes.push(
+            r.lift_restriction(pb::LiftRestrictionRequest {
+                subject_id: id.clone(),
+                verification: verification.clone(),
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        );
+        codes.push(
+            r.rectify_subject(pb::RectifySubjectRequest {
+                verification: verification.clone(),
+                subject: Some(pb::Subject {
+                    id: id.clone(),
+                    name: Some(pb::Name {
+                        given: "Other".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["name.given".into()],
+                }),
+                expected_version: None,
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        );
+        for status in codes {
+            assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+            assert!(
+                format!("{status:?}").contains("verification"),
+                "{what}: names the field: {status:?}"
+            );
+        }
+    }
+    // Not an operator: PERMISSION_DENIED, even with a verification.
+    let billing_rights = RightsServiceClient::with_interceptor(
+        app.channel(),
+        TestApp::bearer(Some(&billing), Some("order"), None),
+    )
+    .request_erasure(pb::RequestErasureRequest {
+        subject_id: id.clone(),
+        verification: verified(),
+        end_contracts: true,
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(billing_rights.code(), Code::PermissionDenied);
+    // Nothing changed: every path and record still there, no restriction, no receipt.
+    let after = app.get(&id).await.unwrap();
+    assert_eq!(after.version, 1);
+    assert!(after.profile.is_some() && after.activity_log.len() == 1);
+    assert_eq!(
+        app.raw_count("SELECT COUNT(*) FROM erasure_receipts").await,
+        0
+    );
+    assert_eq!(app.raw_count("SELECT COUNT(*) FROM restrictions").await, 0);
+}
