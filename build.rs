@@ -34,6 +34,9 @@ const REDACTED: &[&str] = &[
     ".kluis.v1.RectifySubjectRequest",
     ".kluis.v1.RectifySubjectResponse",
     ".kluis.v1.ExportSubjectDataResponse",
+    ".kluis.v1.SetPasswordRequest",
+    ".kluis.v1.VerifyPasswordRequest",
+    ".kluis.v1.ChangePasswordRequest",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {
@@ -52,6 +55,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         "proto/kluis/v1/retention.proto",
         "proto/kluis/v1/rights.proto",
         "proto/kluis/v1/disclosure.proto",
+        "proto/kluis/v1/credential.proto",
     ];
 
     let mut config = tonic_prost_build::Config::new();

@@ -23,6 +23,7 @@ use crate::{
     domain::{
         Callers, Retention, RetentionSettings, Vault,
         consent::Consent,
+        credentials::{Credentials, PasswordSettings},
         disclosure::Disclosures,
         keys::{KeyringError, open_audit_keys, open_keyring, open_rights_keys},
         rights::Rights,
@@ -47,6 +48,8 @@ pub enum StartupError {
     RootKey(String),
     #[error(transparent)]
     Keyring(#[from] KeyringError),
+    #[error("settings: {0}")]
+    Config(String),
     #[error("first operator token: {0}")]
     Bootstrap(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -148,6 +151,10 @@ impl Application {
             crate::audit::signing_key_from_seed(&rights_keys.receipt_seed),
         ));
         let disclosures = Arc::new(Disclosures::new(vault.clone()));
+        let credentials = Arc::new(
+            Credentials::new(vault.clone(), password_settings(args)?)
+                .map_err(|e| StartupError::Config(format!("password hashing: {e}")))?,
+        );
         let failures = api::FailedAuthentications::new(
             trail.clone(),
             std::time::Duration::from_secs(args.audit.auth_failure_window_seconds.max(1)),
@@ -180,6 +187,7 @@ impl Application {
                 consent,
                 rights,
                 disclosures,
+                credentials,
                 callers,
             },
             calls,
@@ -279,6 +287,30 @@ async fn open_audit_trail_on(
 }
 
 /// The retention engine's settings from the configuration.
+/// Password hashing and throttling settings; parameters below OWASP's Argon2id recommendation
+/// stop start-up.
+pub fn password_settings(args: &ServeArgs) -> Result<PasswordSettings, StartupError> {
+    let p = &args.password;
+    let params = crate::crypto::PasswordParams {
+        m_kib: p.memory_kib,
+        t: p.passes,
+        p: p.lanes,
+    };
+    if !params.meets_owasp() || p.lanes == 0 {
+        return Err(StartupError::Config(format!(
+            "--password-memory-kib {} with --password-passes {} is below OWASP's Argon2id minimum \
+             (19456 KiB with 2 passes, or at least 7168 KiB with memory × passes ≥ 38912)",
+            p.memory_kib, p.passes
+        )));
+    }
+    Ok(PasswordSettings {
+        params,
+        concurrency: p.concurrency.max(1),
+        max_failures: p.max_failures.max(1),
+        window: std::time::Duration::from_secs(p.failure_window_seconds.max(1)),
+    })
+}
+
 pub fn retention_settings(args: &ServeArgs) -> RetentionSettings {
     let r = &args.retention;
     RetentionSettings {

@@ -44,6 +44,68 @@ pub struct ServeArgs {
     pub retention: RetentionArgs,
     #[command(flatten)]
     pub consent: ConsentArgs,
+    #[command(flatten)]
+    pub password: PasswordArgs,
+}
+
+/// How customers' portal passwords are hashed and attempts throttled.
+#[derive(Clone, Debug, Args)]
+pub struct PasswordArgs {
+    /// Argon2id memory in KiB (at least OWASP's recommendation: 19456 with 2 passes).
+    #[arg(
+        long = "password-memory-kib",
+        env = "KLUIS_PASSWORD_MEMORY_KIB",
+        default_value_t = 19456
+    )]
+    pub memory_kib: u32,
+    /// Argon2id passes.
+    #[arg(
+        long = "password-passes",
+        env = "KLUIS_PASSWORD_PASSES",
+        default_value_t = 2
+    )]
+    pub passes: u32,
+    /// Argon2id lanes.
+    #[arg(
+        long = "password-lanes",
+        env = "KLUIS_PASSWORD_LANES",
+        default_value_t = 1
+    )]
+    pub lanes: u32,
+    /// Password hashes computed at once at most (each holds the memory above).
+    #[arg(
+        long = "password-concurrency",
+        env = "KLUIS_PASSWORD_CONCURRENCY",
+        default_value_t = 2
+    )]
+    pub concurrency: usize,
+    /// Failed attempts per username, and per address, before further attempts wait out the window.
+    #[arg(
+        long = "password-max-failures",
+        env = "KLUIS_PASSWORD_MAX_FAILURES",
+        default_value_t = 5
+    )]
+    pub max_failures: u32,
+    /// The throttling window in seconds.
+    #[arg(
+        long = "password-failure-window-seconds",
+        env = "KLUIS_PASSWORD_FAILURE_WINDOW_SECONDS",
+        default_value_t = 300
+    )]
+    pub failure_window_seconds: u64,
+}
+
+impl Default for PasswordArgs {
+    fn default() -> Self {
+        Self {
+            memory_kib: 19456,
+            passes: 2,
+            lanes: 1,
+            concurrency: 2,
+            max_failures: 5,
+            failure_window_seconds: 300,
+        }
+    }
 }
 
 /// Settings of the consent service.
@@ -177,6 +239,7 @@ impl ServeArgs {
             audit: AuditArgs::default(),
             retention: RetentionArgs::default(),
             consent: ConsentArgs::default(),
+            password: PasswordArgs::default(),
         }
     }
 

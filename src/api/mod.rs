@@ -6,6 +6,7 @@ mod auth;
 mod call;
 mod consent;
 mod convert;
+mod credential;
 mod disclosure;
 pub mod pb;
 mod retention;
@@ -22,7 +23,8 @@ pub use auth::{FailedAuthentications, RequestContext};
 pub use call::Calls;
 
 use crate::domain::{
-    Callers, Retention, Vault, consent::Consent, disclosure::Disclosures, rights::Rights,
+    Callers, Retention, Vault, consent::Consent, credentials::Credentials, disclosure::Disclosures,
+    rights::Rights,
 };
 
 /// Largest request message kluis decodes; a larger one is refused by the transport with
@@ -39,6 +41,7 @@ pub struct Services {
     pub consent: Arc<Consent>,
     pub rights: Arc<Rights>,
     pub disclosures: Arc<Disclosures>,
+    pub credentials: Arc<Credentials>,
     pub callers: Arc<Callers>,
 }
 
@@ -56,6 +59,7 @@ pub async fn serve(
         consent,
         rights,
         disclosures,
+        credentials,
         callers,
     } = services;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -79,6 +83,9 @@ pub async fn serve(
         .await;
     health
         .set_serving::<pb::disclosure_service_server::DisclosureServiceServer<disclosure::DisclosureApi>>()
+        .await;
+    health
+        .set_serving::<pb::credential_service_server::CredentialServiceServer<credential::CredentialApi>>()
         .await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -130,6 +137,10 @@ pub async fn serve(
         disclosure::DisclosureApi::new(disclosures, calls.clone()),
     )
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let credentials = pb::credential_service_server::CredentialServiceServer::new(
+        credential::CredentialApi::new(credentials, calls.clone()),
+    )
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
     Server::builder()
         // Bounds the calls one connection can have in flight (and the memory they hold); a client
@@ -146,6 +157,7 @@ pub async fn serve(
         .add_service(retention)
         .add_service(rights)
         .add_service(disclosures)
+        .add_service(credentials)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
         .map_err(|e| ServeError(e.to_string()))

@@ -48,4 +48,7 @@ redacted_debug!(
     RectifySubjectRequest,
     RectifySubjectResponse,
     ExportSubjectDataResponse,
+    SetPasswordRequest,
+    VerifyPasswordRequest,
+    ChangePasswordRequest,
 );

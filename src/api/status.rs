@@ -46,6 +46,7 @@ pub fn to_status(e: DomainError, request_id: &str) -> Status {
                 path.map(|p| format!(" at {p}")).unwrap_or_default()
             ))
         }
+        DomainError::Throttled(m) => Status::resource_exhausted(m),
         DomainError::Unavailable(cause) => {
             tracing::warn!(request_id, cause = %cause, "unavailable");
             Status::unavailable(format!(

@@ -44,6 +44,9 @@ pub enum DomainError {
     /// Stored data failed authentication. Logged at error with the ids; no plaintext anywhere.
     #[error("stored data of subject {subject} failed authentication")]
     DataLoss { subject: Uuid, path: Option<String> },
+    /// Too many attempts (failed password checks); the text says what to wait for.
+    #[error("{0}")]
+    Throttled(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
     #[error("internal: {0}")]

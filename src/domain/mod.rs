@@ -4,6 +4,7 @@ pub mod access;
 pub mod call;
 pub mod callers;
 pub mod consent;
+pub mod credentials;
 pub mod disclosure;
 mod error;
 pub mod keys;

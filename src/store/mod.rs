@@ -26,7 +26,7 @@ use uuid::Uuid;
 pub use audit::{AUDIT_INDEX_BATCH, AuditFilter, AuditRecord, ChainLinker, StoredAuditEvent};
 pub use retention::{HoldRow, MarkedSubject, RecordRow};
 pub use rights::{ConsentEventRow, DisclosureRow, ReceiptRow, RestrictionRow};
-pub use writer::{ConsentChange, RecordChange, WriteOp, WriteOutcome};
+pub use writer::{ConsentChange, RecordChange, Redacted, WriteOp, WriteOutcome};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");

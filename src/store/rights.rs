@@ -249,6 +249,13 @@ impl Store {
         found.map(|id| uuid_from(&id)).transpose()
     }
 
+    /// A subject's password hash, if one is set.
+    pub async fn credential(&self, subject: Uuid) -> Result<Option<String>, StoreError> {
+        Ok(on_pool!(&self.backend, pool => sqlx::query_scalar(
+            "SELECT hash FROM credentials WHERE subject_id = $1")
+            .bind(subject.as_bytes().to_vec()).fetch_optional(pool).await)?)
+    }
+
     /// Deletes unsubscribe tokens issued before `cutoff`; how many.
     pub async fn prune_unsubscribe_tokens(&self, cutoff: i64) -> Result<u64, StoreError> {
         let done: u64 = on_pool!(&self.backend, pool => sqlx::query(

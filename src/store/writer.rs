@@ -91,6 +91,12 @@ pub enum WriteOp {
     RecordDisclosure(super::DisclosureRow),
     /// Stores a signed erasure receipt.
     InsertReceipt(super::ReceiptRow),
+    /// Sets a subject's password hash (the subject must exist).
+    SetCredential {
+        id: Uuid,
+        hash: Redacted,
+        at: i64,
+    },
     /// Changes nothing; fails (`VersionMismatch`, `NotFound`) unless the subject is still at
     /// `version` and `retention_version` (a sequence planned on that state checks it held).
     Expect {
@@ -137,6 +143,16 @@ pub enum WriteOp {
         id: String,
         at: i64,
     },
+}
+
+/// Text `Debug` does not print (a password hash in a [`WriteOp`]).
+#[derive(Clone)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// A change of a subject's objections or consents, as its history records it.
@@ -445,7 +461,7 @@ macro_rules! bulk_create {
 /// The tables besides `subjects` whose rows name a subject and go when it is erased or shredded.
 /// None holds a personal value; the audit trail keeps what happened (ids and paths). Erasure
 /// receipts stay: they are the evidence of the erasure.
-const SUBJECT_TABLES: [&str; 8] = [
+const SUBJECT_TABLES: [&str; 9] = [
     "objections",
     "processing_records",
     "legal_holds",
@@ -454,6 +470,7 @@ const SUBJECT_TABLES: [&str; 8] = [
     "unsubscribe_tokens",
     "restrictions",
     "disclosures",
+    "credentials",
 ];
 
 /// Deletes what refers to an erased or shredded subject (every table of [`SUBJECT_TABLES`]).
@@ -1143,6 +1160,20 @@ macro_rules! apply_one {
                     .execute(&mut *$conn)
                     .await?;
                     Ok(WriteOutcome::ReceiptStored)
+                }
+                WriteOp::SetCredential { id, hash, at } => {
+                    let idb = id.as_bytes().to_vec();
+                    require_subject!($conn, idb)?;
+                    sqlx::query(
+                        "INSERT INTO credentials (subject_id, hash, updated_at) VALUES ($1, $2, $3) \
+                         ON CONFLICT (subject_id) DO UPDATE SET hash = excluded.hash, updated_at = excluded.updated_at",
+                    )
+                    .bind(idb)
+                    .bind(hash.0.clone())
+                    .bind(*at)
+                    .execute(&mut *$conn)
+                    .await?;
+                    Ok(WriteOutcome::Recorded)
                 }
                 WriteOp::Expect { id, version, retention_version } => {
                     let idb = id.as_bytes().to_vec();

@@ -5,6 +5,7 @@
 mod audit;
 mod cli;
 mod consent;
+mod credentials;
 mod helpers;
 mod operations;
 mod policy;
