@@ -61,8 +61,8 @@ use std::{
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use kluis::api::pb::{
-    self, retention_service_client::RetentionServiceClient,
-    subject_service_client::SubjectServiceClient,
+    self, credential_service_client::CredentialServiceClient,
+    retention_service_client::RetentionServiceClient, subject_service_client::SubjectServiceClient,
 };
 use tonic::{
     Request, Status,
@@ -159,7 +159,14 @@ enum Scenario {
     Get,
     Find,
     Create,
+    /// `VerifyPassword` of seeded subjects (passwords set for the first [`VERIFY_SUBJECTS`]).
+    Verify,
 }
+
+/// Seeded subjects that get a password for the `verify` scenario.
+const VERIFY_SUBJECTS: usize = 64;
+/// The password the `verify` scenario sets and checks.
+const BENCH_PASSWORD: &str = "kluis-bench password 2026";
 
 impl Scenario {
     fn name(self) -> &'static str {
@@ -168,11 +175,12 @@ impl Scenario {
             Scenario::Get => "get",
             Scenario::Find => "find",
             Scenario::Create => "create",
+            Scenario::Verify => "verify",
         }
     }
 
     fn needs_seed(self) -> bool {
-        matches!(self, Scenario::Get | Scenario::Find)
+        matches!(self, Scenario::Get | Scenario::Find | Scenario::Verify)
     }
 }
 
@@ -359,6 +367,11 @@ async fn bench(
         counter,
     });
 
+    if cli.scenarios.contains(&Scenario::Verify) || cli.rate_scenario == Scenario::Verify {
+        eprintln!("setting passwords of {VERIFY_SUBJECTS} seeded subjects for `verify` ...");
+        set_passwords(&conns[0], &ctx.data).await?;
+    }
+
     if cli.mode.closed() {
         for &scenario in &cli.scenarios {
             let outcome = closed_loop(
@@ -459,12 +472,14 @@ impl Interceptor for Bearer {
 
 type Subjects = SubjectServiceClient<InterceptedService<Channel, Bearer>>;
 type RetentionClient = RetentionServiceClient<InterceptedService<Channel, Bearer>>;
+type Passwords = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// The clients of one HTTP/2 connection; cloning shares the connection.
 #[derive(Clone)]
 struct Conn {
     subjects: Subjects,
     retention: RetentionClient,
+    passwords: Passwords,
     health: HealthClient<Channel>,
 }
 
@@ -500,6 +515,7 @@ async fn connect(
         conns.push(Conn {
             subjects: SubjectServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             retention: RetentionServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            passwords: CredentialServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             health: HealthClient::new(channel),
         });
     }
@@ -511,6 +527,7 @@ async fn connect(
 struct Seeded {
     ids: Vec<String>,
     emails: Vec<String>,
+    usernames: Vec<String>,
 }
 
 /// What every request task needs.
@@ -574,6 +591,40 @@ async fn call(scenario: Scenario, conn: &mut Conn, ctx: &Context, pick: u64) -> 
             let n = ctx.counter.fetch_add(1, Ordering::Relaxed);
             create(conn, n, &ctx.run_id).await?;
         }
+        Scenario::Verify => {
+            let names = &ctx.data.usernames;
+            let with_password = names.len().clamp(1, VERIFY_SUBJECTS) as u64;
+            let username = names
+                .get((pick % with_password) as usize)
+                .ok_or("no seeded subjects")?;
+            let r = conn
+                .passwords
+                .verify_password(pb::VerifyPasswordRequest {
+                    username: username.clone(),
+                    password: BENCH_PASSWORD.into(),
+                    client_ip: String::new(),
+                })
+                .await
+                .map_err(status_text)?;
+            if !r.into_inner().valid {
+                return Err("verify: the seeded password did not verify".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sets [`BENCH_PASSWORD`] for the first [`VERIFY_SUBJECTS`] seeded subjects.
+async fn set_passwords(conn: &Conn, data: &Seeded) -> Result<(), BoxError> {
+    for id in data.ids.iter().take(VERIFY_SUBJECTS) {
+        conn.passwords
+            .clone()
+            .set_password(pb::SetPasswordRequest {
+                subject_id: id.clone(),
+                password: BENCH_PASSWORD.into(),
+            })
+            .await
+            .map_err(|s| fail(status_text(s)))?;
     }
     Ok(())
 }
@@ -1001,6 +1052,10 @@ async fn seed(
     }
     let data = Seeded {
         emails: created.iter().map(|(i, _)| email(*i, run_id)).collect(),
+        usernames: created
+            .iter()
+            .map(|(i, _)| format!("bench{i}.{run_id}"))
+            .collect(),
         ids: created.into_iter().map(|(_, id)| id).collect(),
     };
     let row = Row::new("seed", "closed", format!("{n} subj"), &total, elapsed);
