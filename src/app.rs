@@ -25,7 +25,7 @@ use crate::{
         consent::Consent,
         credentials::{Credentials, PasswordSettings},
         disclosure::Disclosures,
-        keys::{KeyringError, open_audit_keys, open_keyring, open_rights_keys},
+        keys::{KeySettings, KeyringError, Keys, open_audit_keys, open_keyring, open_rights_keys},
         rights::Rights,
     },
     policy::{Policy, PolicyErrors},
@@ -91,7 +91,15 @@ impl Application {
         let policy = Arc::new(load_policy(args)?);
         let store = Store::open(&args.storage.database_url()).await?;
         let root = load_root_key(args, &store).await?;
-        let keyring = Arc::new(open_keyring(&store, &root).await?);
+        // The root key stays in memory (zeroized on drop) inside the keys, to load the versions
+        // a rotation adds; it is never written anywhere.
+        let keys = Keys::open(
+            store.clone(),
+            root.clone(),
+            key_settings(args)?,
+            policy.version().to_owned(),
+        )
+        .await?;
         let audit_keys = open_audit_keys(&store, &root).await?;
         let rights_keys = open_rights_keys(&store, &root).await?;
         drop(root);
@@ -103,6 +111,8 @@ impl Application {
             checkpoint_settings(args),
         );
         trail.spawn_checkpointer();
+        // After the trail: the re-wrap job's events need the chain key.
+        keys.spawn_jobs();
         trail.spawn_indexer(std::time::Duration::from_millis(500));
         spawn_audit_pruning(trail.clone(), args.audit.retention_days);
         tracing::info!(
@@ -125,7 +135,7 @@ impl Application {
 
         let vault = Arc::new(Vault::new(
             store.clone(),
-            keyring,
+            keys.clone(),
             policy.clone(),
             clock.clone(),
         ));
@@ -189,6 +199,7 @@ impl Application {
                 disclosures,
                 credentials,
                 callers,
+                keys,
             },
             calls,
             failures,
@@ -203,6 +214,11 @@ impl Application {
     /// The consent service of this instance (tests prune its tokens).
     pub fn consent(&self) -> &Arc<Consent> {
         &self.services.consent
+    }
+
+    /// The keys of this instance (tests drive the re-wrap job step by step).
+    pub fn keys(&self) -> &Arc<Keys> {
+        &self.services.keys
     }
 
     /// The audit trail of this instance.
@@ -262,6 +278,22 @@ pub async fn open_retention(args: &ServeArgs) -> Result<(Arc<Retention>, Store),
     Ok((retention, store))
 }
 
+/// The keys of the database in `args`, for `kluis keys …` (no server, no background jobs), with
+/// the audit chain linked so rotations are audited; with the store, to close once done.
+pub async fn open_keys(args: &ServeArgs) -> Result<(Arc<Keys>, Store), StartupError> {
+    let store = Store::open(&args.storage.database_url()).await?;
+    let trail = open_audit_trail_on(args, store.clone()).await?;
+    let root = load_root_key(args, &store).await?;
+    let keys = Keys::open(
+        store.clone(),
+        root,
+        key_settings(args)?,
+        trail.policy_version().to_owned(),
+    )
+    .await?;
+    Ok((keys, store))
+}
+
 /// The audit trail of the database in `args`, for offline verification (no server, no tasks).
 pub async fn open_audit_trail(args: &ServeArgs) -> Result<Arc<AuditTrail>, StartupError> {
     let store = Store::open(&args.storage.database_url()).await?;
@@ -284,6 +316,21 @@ async fn open_audit_trail_on(
         policy.version().to_owned(),
         checkpoint_settings(args),
     ))
+}
+
+/// Keyring reloads and the re-wrap job's pace from the configuration.
+pub fn key_settings(args: &ServeArgs) -> Result<KeySettings, StartupError> {
+    let k = &args.keys;
+    if !(k.refresh_seconds.is_finite() && k.refresh_seconds > 0.0 && k.refresh_seconds <= 3600.0) {
+        return Err(StartupError::Config(
+            "--keyring-refresh-seconds must be more than 0 and at most 3600".into(),
+        ));
+    }
+    Ok(KeySettings {
+        refresh: std::time::Duration::from_secs_f64(k.refresh_seconds),
+        rewrap_rate: k.rewrap_rate,
+        rewrap_batch: k.rewrap_batch.clamp(1, 10_000),
+    })
 }
 
 /// The retention engine's settings from the configuration.

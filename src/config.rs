@@ -46,6 +46,47 @@ pub struct ServeArgs {
     pub consent: ConsentArgs,
     #[command(flatten)]
     pub password: PasswordArgs,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+}
+
+/// How the keyring is kept current across instances and how fast data keys are re-wrapped after
+/// a KEK rotation.
+#[derive(Clone, Debug, Args)]
+pub struct KeyArgs {
+    /// Seconds between keyring reloads (versions another instance added); a demoted KEK can be
+    /// retired no sooner than this after its successor was made.
+    #[arg(
+        long = "keyring-refresh-seconds",
+        env = "KLUIS_KEYRING_REFRESH_SECONDS",
+        default_value_t = 5.0
+    )]
+    pub refresh_seconds: f64,
+    /// Data keys re-wrapped per second at most by the background job after a KEK rotation
+    /// (0 switches the job off; `kluis keys rewrap` then does it).
+    #[arg(
+        long = "kek-rewrap-rate",
+        env = "KLUIS_KEK_REWRAP_RATE",
+        default_value_t = 20_000
+    )]
+    pub rewrap_rate: u32,
+    /// Data keys per re-wrap transaction.
+    #[arg(
+        long = "kek-rewrap-batch",
+        env = "KLUIS_KEK_REWRAP_BATCH",
+        default_value_t = 500
+    )]
+    pub rewrap_batch: u32,
+}
+
+impl Default for KeyArgs {
+    fn default() -> Self {
+        Self {
+            refresh_seconds: 5.0,
+            rewrap_rate: 20_000,
+            rewrap_batch: 500,
+        }
+    }
 }
 
 /// How customers' portal passwords are hashed and attempts throttled.
@@ -240,6 +281,7 @@ impl ServeArgs {
             retention: RetentionArgs::default(),
             consent: ConsentArgs::default(),
             password: PasswordArgs::default(),
+            keys: KeyArgs::default(),
         }
     }
 

@@ -55,6 +55,12 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Rotate, retire and inspect keys (against the database; a running kluis picks the change up
+    /// within its keyring refresh interval and its re-wrap job does the rest).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Purge what lost its last legal basis now (against the database; a running kluis may keep
     /// serving meanwhile).
     Retention {
@@ -79,6 +85,40 @@ enum RetentionCommand {
         /// Subjects per second at most (0: no limit).
         #[arg(long, default_value_t = 0)]
         rate: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a new KEK version active; data keys are re-wrapped by the running kluis's background
+    /// job, or by `kluis keys rewrap`.
+    RotateKek {
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// Re-wrap every data key still under an older KEK version now, then exit.
+    Rewrap {
+        #[command(flatten)]
+        args: ServeArgs,
+        /// Data keys per second at most (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+    },
+    /// Retire a decrypt-only KEK version no data key uses any more, destroying its wrapped key.
+    RetireKek {
+        #[command(flatten)]
+        args: ServeArgs,
+        #[arg(long = "kek-version")]
+        kek_version: u32,
+    },
+    /// Print every key version, the data keys per KEK version and the re-wrap progress; with
+    /// --backup-time, the versions a backup taken then depends on.
+    Status {
+        #[command(flatten)]
+        args: ServeArgs,
+        /// RFC 3339 time of a backup, e.g. 2026-11-01T02:00:00Z.
+        #[arg(long)]
+        backup_time: Option<String>,
     },
 }
 
@@ -184,7 +224,136 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         Command::Policy { command } => policy(command),
         Command::Audit { command } => audit(command).await,
         Command::Retention { command } => retention(command).await,
+        Command::Keys { command } => keys(command).await,
     }
+}
+
+/// The audit event of a `kluis keys …` command (the operator at the console).
+fn cli_draft(method: &str, policy_version: &str) -> kluis::domain::call::Draft {
+    kluis::domain::call::Draft::new(kluis::audit::AuditEvent {
+        at_us: kluis::domain::now_us(),
+        method: format!("cli.keys.{method}"),
+        caller: "kluis-cli".to_owned(),
+        role: "operator".to_owned(),
+        policy_version: policy_version.to_owned(),
+        ..kluis::audit::AuditEvent::default()
+    })
+}
+
+fn format_time(us: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| us.to_string())
+}
+
+async fn keys(command: KeysCommand) -> Result<ExitCode, String> {
+    let (args, run) = match command {
+        KeysCommand::RotateKek { args } => (args, KeysRun::Rotate),
+        KeysCommand::Rewrap { args, rate } => (args, KeysRun::Rewrap(rate)),
+        KeysCommand::RetireKek { args, kek_version } => (args, KeysRun::Retire(kek_version)),
+        KeysCommand::Status { args, backup_time } => {
+            let at = backup_time
+                .map(|t| {
+                    time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                        .map(|t| (t.unix_timestamp_nanos() / 1000) as i64)
+                        .map_err(|e| format!("--backup-time {t}: {e}"))
+                })
+                .transpose()?;
+            (args, KeysRun::Status(at))
+        }
+    };
+    let (keys, store) = kluis::app::open_keys(&args)
+        .await
+        .map_err(|e| e.to_string())?;
+    let policy_version = kluis::app::load_policy(&args)
+        .map_err(|e| e.to_string())?
+        .version()
+        .to_owned();
+    let result = match run {
+        KeysRun::Rotate => {
+            let mut draft = cli_draft("rotate-kek", &policy_version);
+            keys.rotate_kek(&mut draft)
+                .await
+                .map(|v| format!("KEK v{v} is active; data keys under older versions are re-wrapped by the running kluis (or `kluis keys rewrap`)"))
+        }
+        KeysRun::Retire(version) => {
+            let mut draft = cli_draft("retire-kek", &policy_version);
+            keys.retire_kek(version, &mut draft).await.map(|now| {
+                if now {
+                    format!("KEK v{version} retired; its wrapped key is destroyed")
+                } else {
+                    format!("KEK v{version} had been retired before")
+                }
+            })
+        }
+        KeysRun::Rewrap(rate) => {
+            let started = std::time::Instant::now();
+            keys.rewrap_all(rate).await.map(|n| {
+                let secs = started.elapsed().as_secs_f64();
+                format!(
+                    "{n} data keys re-wrapped under KEK v{} in {secs:.1} s ({:.0}/s)",
+                    keys.keyring().active_kek(),
+                    n as f64 / secs.max(1e-9)
+                )
+            })
+        }
+        KeysRun::Status(at) => keys.status(at).await.map(|s| {
+            let mut out = String::new();
+            for r in &s.roots {
+                out.push_str(&format!(
+                    "root v{}  created {}{}\n",
+                    r.version,
+                    format_time(r.created_at_us),
+                    r.retired_at_us.map(|t| format!("  retired {}", format_time(t))).unwrap_or_default()
+                ));
+            }
+            for k in &s.keys {
+                out.push_str(&format!(
+                    "{} v{}  {}  under root v{}  created {}{}{}\n",
+                    k.kind,
+                    k.version,
+                    k.state,
+                    k.root_version,
+                    format_time(k.created_at_us),
+                    k.retired_at_us.map(|t| format!("  retired {}", format_time(t))).unwrap_or_default(),
+                    k.data_keys.map(|n| format!("  data keys {n}")).unwrap_or_default()
+                ));
+            }
+            out.push_str(&format!(
+                "active KEK v{}; data keys still to re-wrap: {}",
+                s.active_kek, s.rewrap_pending
+            ));
+            if let Some(b) = &s.backup {
+                out.push_str(&format!("\nA backup taken at {} depends on:", format_time(b.at_us)));
+                for r in &b.roots {
+                    out.push_str(&format!("\n  root v{}{}", r.version, if r.retired_at_us.is_some() { " (retired)" } else { "" }));
+                }
+                for k in &b.keys {
+                    out.push_str(&format!("\n  {} v{}{}", k.kind, k.version, if k.retired_at_us.is_some() { " (retired)" } else { "" }));
+                }
+                out.push_str(if b.unrecoverable {
+                    "\nEvery one is retired: subjects erased before then cannot be recovered from it."
+                } else {
+                    "\nNot every one is retired: subjects erased since then can still be recovered from it."
+                });
+            }
+            out
+        }),
+    };
+    store.close().await;
+    println!("{}", result.map_err(|e| e.to_string())?);
+    Ok(ExitCode::SUCCESS)
+}
+
+enum KeysRun {
+    Rotate,
+    Retire(u32),
+    Rewrap(u32),
+    Status(Option<i64>),
 }
 
 async fn retention(command: RetentionCommand) -> Result<ExitCode, String> {

@@ -1,20 +1,53 @@
-//! `kluis.v1.AdminService`: callers and their tokens. Operators only.
+//! `kluis.v1.AdminService`: callers and their tokens, key rotation and key status. Operators only.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{auth::context, call::Calls, convert::to_timestamp, pb};
-use crate::domain::{CallerInfo, Callers, Role};
+use super::{
+    auth::context,
+    call::Calls,
+    convert::{timestamp, to_timestamp},
+    pb,
+};
+use crate::domain::{
+    CallerInfo, Callers, DomainError, Role,
+    keys::{KeyVersionInfo, Keys, RootVersionInfo},
+};
 
 pub struct AdminApi {
     callers: Arc<Callers>,
+    keys: Arc<Keys>,
     calls: Calls,
 }
 
 impl AdminApi {
-    pub fn new(callers: Arc<Callers>, calls: Calls) -> Self {
-        Self { callers, calls }
+    pub fn new(callers: Arc<Callers>, keys: Arc<Keys>, calls: Calls) -> Self {
+        Self {
+            callers,
+            keys,
+            calls,
+        }
+    }
+}
+
+fn key_message(k: &KeyVersionInfo) -> pb::KeyVersion {
+    pb::KeyVersion {
+        kind: k.kind.clone(),
+        version: k.version,
+        state: k.state.clone(),
+        root_version: k.root_version,
+        create_time: Some(to_timestamp(k.created_at_us)),
+        retire_time: k.retired_at_us.map(to_timestamp),
+        data_keys: k.data_keys,
+    }
+}
+
+fn root_message(r: &RootVersionInfo) -> pb::RootKeyVersion {
+    pb::RootKeyVersion {
+        version: r.version,
+        create_time: Some(to_timestamp(r.created_at_us)),
+        retire_time: r.retired_at_us.map(to_timestamp),
     }
 }
 
@@ -85,6 +118,68 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let callers = self.calls.finish(&ctx, draft, result).await?;
         Ok(Response::new(pb::ListCallersResponse {
             callers: callers.iter().map(caller_message).collect(),
+        }))
+    }
+
+    async fn rotate_kek(
+        &self,
+        request: Request<pb::RotateKekRequest>,
+    ) -> Result<Response<pb::RotateKekResponse>, Status> {
+        let ctx = context(&request)?;
+        let mut draft = self.calls.open(&ctx);
+        let result = async {
+            ctx.caller.require_operator("RotateKek")?;
+            self.keys.rotate_kek(&mut draft).await
+        }
+        .await;
+        let version = self.calls.finish(&ctx, draft, result).await?;
+        Ok(Response::new(pb::RotateKekResponse { version }))
+    }
+
+    async fn retire_kek(
+        &self,
+        request: Request<pb::RetireKekRequest>,
+    ) -> Result<Response<pb::RetireKekResponse>, Status> {
+        let ctx = context(&request)?;
+        let mut draft = self.calls.open(&ctx);
+        let version = request.get_ref().version;
+        let result = async {
+            ctx.caller.require_operator("RetireKek")?;
+            if version == 0 {
+                return Err(DomainError::invalid("version", "KEK versions start at 1"));
+            }
+            self.keys.retire_kek(version, &mut draft).await
+        }
+        .await;
+        let retired_now = self.calls.finish(&ctx, draft, result).await?;
+        Ok(Response::new(pb::RetireKekResponse { retired_now }))
+    }
+
+    async fn key_status(
+        &self,
+        request: Request<pb::KeyStatusRequest>,
+    ) -> Result<Response<pb::KeyStatusResponse>, Status> {
+        let ctx = context(&request)?;
+        let draft = self.calls.open(&ctx);
+        let result = async {
+            ctx.caller.require_operator("KeyStatus")?;
+            let at = timestamp(request.get_ref().backup_time.as_ref())
+                .map_err(|e| DomainError::invalid("backup_time", e))?;
+            self.keys.status(at).await
+        }
+        .await;
+        let status = self.calls.finish(&ctx, draft, result).await?;
+        Ok(Response::new(pb::KeyStatusResponse {
+            root_versions: status.roots.iter().map(root_message).collect(),
+            keys: status.keys.iter().map(key_message).collect(),
+            active_kek_version: status.active_kek,
+            rewrap_pending: status.rewrap_pending,
+            backup: status.backup.map(|b| pb::BackupDependencies {
+                backup_time: Some(to_timestamp(b.at_us)),
+                root_versions: b.roots.iter().map(root_message).collect(),
+                keys: b.keys.iter().map(key_message).collect(),
+                unrecoverable: b.unrecoverable,
+            }),
         }))
     }
 }

@@ -24,7 +24,7 @@ pub use call::Calls;
 
 use crate::domain::{
     Callers, Retention, Vault, consent::Consent, credentials::Credentials, disclosure::Disclosures,
-    rights::Rights,
+    keys::Keys, rights::Rights,
 };
 
 /// Largest request message kluis decodes; a larger one is refused by the transport with
@@ -43,6 +43,7 @@ pub struct Services {
     pub disclosures: Arc<Disclosures>,
     pub credentials: Arc<Credentials>,
     pub callers: Arc<Callers>,
+    pub keys: Arc<Keys>,
 }
 
 /// Serves every kluis service on `listener` until `shutdown` completes, then drains in-flight calls.
@@ -61,6 +62,7 @@ pub async fn serve(
         disclosures,
         credentials,
         callers,
+        keys,
     } = services;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -111,6 +113,7 @@ pub async fn serve(
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let admin = pb::admin_service_server::AdminServiceServer::new(admin::AdminApi::new(
         callers.clone(),
+        keys,
         calls.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);

@@ -198,6 +198,16 @@ impl Keyring {
         SecretKey::from_slice(&plain)
     }
 
+    /// The KEK version new data keys are wrapped under.
+    pub fn active_kek(&self) -> u32 {
+        self.active_kek
+    }
+
+    /// Whether this keyring holds KEK `version` (a newer one may exist that it has not loaded).
+    pub fn has_kek(&self, version: u32) -> bool {
+        self.keks.contains_key(&version)
+    }
+
     fn kek(&self, version: u32) -> Result<&SecretKey, CryptoError> {
         self.keks
             .get(&version)

@@ -292,6 +292,7 @@ impl Consent {
             .flatten();
         let mut recipients = Vec::with_capacity(rows.len());
         let mut tokens = Vec::with_capacity(rows.len());
+        vault.ensure_keks(&rows).await;
         for row in &rows {
             if vault
                 .hidden(access, row.retention.as_deref())?

@@ -149,7 +149,8 @@ impl Credentials {
         let path = FieldPath::AccountUsername;
         let (_, digest) = self
             .vault
-            .keyring
+            .keys
+            .keyring()
             .blind_index(path.as_str(), &index_key(path, username));
         let user_key = format!("user:{}", hex::encode(&digest[..12]));
         let keys = throttle_keys(user_key.clone(), client);

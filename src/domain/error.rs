@@ -70,6 +70,7 @@ impl From<StoreError> for DomainError {
             },
             StoreError::Unavailable(m) => DomainError::Unavailable(m),
             StoreError::Corrupt(m) => DomainError::Internal(format!("corrupt row: {m}")),
+            StoreError::Refused(m) => DomainError::FailedPrecondition(m),
             StoreError::Database(m) | StoreError::Url(m) | StoreError::Migrate(m) => {
                 DomainError::Internal(m)
             }

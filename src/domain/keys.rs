@@ -1,15 +1,28 @@
-//! Opening the keyring at start-up: check the root key, then load (or create) the KEKs and service
-//! keys wrapped under it. Concurrent first starts of several instances agree on one set of keys.
+//! The keyring of a running instance: opened at start-up (the root key checked, the KEKs and
+//! service keys loaded or created; concurrent first starts agree on one set), reloaded when another
+//! instance adds a version, and rotated: new KEK versions, the background job that re-wraps every
+//! data key under the active KEK, retirement of versions nothing uses any more, and `KeyStatus`.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use subtle::ConstantTimeEq;
+use tokio::sync::Notify;
 
-use super::now_us;
+use super::{DomainError, call::Draft, now_us};
 use crate::{
+    audit::AuditEvent,
     crypto::{CryptoError, Keyring, RootKey, SecretKey, WrappedKey, key_check_value},
-    store::{KeyRow, Store, StoreError},
+    store::{
+        KeyRow, KeyVersionRow, Rewrapped, RootCheckRow, Store, StoreError, WriteOp, WriteOutcome,
+    },
 };
+
+/// The caller named in the audit events of the re-wrap job.
+pub const REWRAP_CALLER: &str = "kluis-keys";
 
 pub const KIND_KEK: &str = "kek";
 pub const KIND_BLIND_INDEX: &str = "blind-index";
@@ -87,6 +100,13 @@ pub enum KeyringError {
 
 /// Verifies `root` against the database and returns the unwrapped keyring.
 pub async fn open_keyring(store: &Store, root: &RootKey) -> Result<Keyring, KeyringError> {
+    check_root(store, root).await?;
+    load_keyring(store, root).await
+}
+
+/// Refuses a root key whose key-check value differs from the database's; a database without any
+/// takes this key's.
+async fn check_root(store: &Store, root: &RootKey) -> Result<(), KeyringError> {
     let check = key_check_value(root);
     let stored = match store.key_check(root.version()).await? {
         Some(stored) => stored,
@@ -102,6 +122,11 @@ pub async fn open_keyring(store: &Store, root: &RootKey) -> Result<Keyring, Keyr
     if !bool::from(stored.as_slice().ct_eq(&check)) {
         return Err(KeyringError::WrongRootKey);
     }
+    Ok(())
+}
+
+/// The KEKs (all but retired ones) and the active blind-index key, unwrapped.
+async fn load_keyring(store: &Store, root: &RootKey) -> Result<Keyring, KeyringError> {
     let keks = load_or_create(store, root, KIND_KEK).await?;
     let indexes = load_or_create(store, root, KIND_BLIND_INDEX).await?;
     let active_kek = keks
@@ -143,7 +168,8 @@ async fn load_or_create(
         rows = store.keys(kind).await?;
     }
     let mut out = BTreeMap::new();
-    for row in rows {
+    // A retired version's wrapped bytes are destroyed; there is nothing to unwrap.
+    for row in rows.into_iter().filter(|r| r.state != "retired") {
         let version =
             u32::try_from(row.version).map_err(|_| StoreError::Corrupt("key version".into()))?;
         let wrapped = WrappedKey {
@@ -155,4 +181,558 @@ async fn load_or_create(
         out.insert(version, (row.state, key));
     }
     Ok(out)
+}
+
+/// How the keys of an instance are kept current and rotated.
+#[derive(Debug, Clone)]
+pub struct KeySettings {
+    /// How often the instance reloads the keyring, picking up versions another instance (or
+    /// `kluis keys …`) added; also the least time a demoted KEK stays before it may be retired.
+    pub refresh: Duration,
+    /// Data keys re-wrapped per second at most by the background job; 0 switches the job off.
+    pub rewrap_rate: u32,
+    /// Data keys per re-wrap batch (one transaction).
+    pub rewrap_batch: u32,
+}
+
+impl Default for KeySettings {
+    fn default() -> Self {
+        Self {
+            refresh: Duration::from_secs(5),
+            rewrap_rate: 20_000,
+            rewrap_batch: 500,
+        }
+    }
+}
+
+/// A key version as `KeyStatus` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVersionInfo {
+    pub kind: String,
+    pub version: u32,
+    /// `active`, `decrypt-only` or `retired`.
+    pub state: String,
+    /// The root-key version it is wrapped under (meaningless once retired).
+    pub root_version: u32,
+    pub created_at_us: i64,
+    pub retired_at_us: Option<i64>,
+    /// KEKs: the data keys wrapped under this version.
+    pub data_keys: Option<u64>,
+}
+
+/// A root-key version the database knows by its key-check value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootVersionInfo {
+    pub version: u32,
+    pub created_at_us: i64,
+    pub retired_at_us: Option<i64>,
+}
+
+/// The key versions a database backup taken at `at_us` depends on: its data keys are wrapped
+/// under those KEKs, its blind indexes computed under those index keys, and its copy of them
+/// wrapped under those root keys. Once every one is retired, the backup's erased subjects are
+/// undecryptable and unmatchable (DESIGN.md §4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupDependencies {
+    pub at_us: i64,
+    pub roots: Vec<RootVersionInfo>,
+    pub keys: Vec<KeyVersionInfo>,
+    /// Every version listed is retired.
+    pub unrecoverable: bool,
+}
+
+/// What `KeyStatus` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    pub roots: Vec<RootVersionInfo>,
+    /// Every key version of every kind (no key material).
+    pub keys: Vec<KeyVersionInfo>,
+    pub active_kek: u32,
+    /// Data keys still wrapped under an older KEK than the active one.
+    pub rewrap_pending: u64,
+    pub backup: Option<BackupDependencies>,
+}
+
+/// The key kinds a backup's erased subjects depend on (the others protect no personal data).
+const ERASURE_KINDS: [&str; 2] = [KIND_KEK, KIND_BLIND_INDEX];
+
+/// The keys of one instance: the root key (kept in memory to load versions added later), the
+/// current keyring, and the jobs that keep it current and re-wrap data keys.
+pub struct Keys {
+    store: Store,
+    root: RootKey,
+    current: RwLock<Arc<Keyring>>,
+    settings: KeySettings,
+    policy_version: String,
+    /// Wakes the re-wrap job (after a rotation).
+    rewrap_wake: Notify,
+    /// Wakes the refresher (a data key under a KEK this instance has not loaded).
+    refresh_wake: Notify,
+    /// One reload at a time when reads meet a KEK version not loaded yet.
+    loading: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("active_kek", &self.keyring().active_kek())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Keys {
+    /// Checks `root` against the database and loads the keyring.
+    pub async fn open(
+        store: Store,
+        root: RootKey,
+        settings: KeySettings,
+        policy_version: String,
+    ) -> Result<Arc<Self>, KeyringError> {
+        let keyring = open_keyring(&store, &root).await?;
+        Ok(Arc::new(Self {
+            store,
+            root,
+            current: RwLock::new(Arc::new(keyring)),
+            settings,
+            policy_version,
+            rewrap_wake: Notify::new(),
+            refresh_wake: Notify::new(),
+            loading: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// The keyring as last loaded.
+    pub fn keyring(&self) -> Arc<Keyring> {
+        match self.current.read() {
+            Ok(ring) => ring.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Reloads the keyring from the database (versions added or retired meanwhile).
+    pub async fn refresh(&self) -> Result<(), KeyringError> {
+        let ring = Arc::new(load_keyring(&self.store, &self.root).await?);
+        match self.current.write() {
+            Ok(mut current) => *current = ring,
+            Err(poisoned) => *poisoned.into_inner() = ring,
+        }
+        Ok(())
+    }
+
+    /// Makes sure KEK `version` is loaded, reloading the keyring once if it is not (concurrent
+    /// callers wait for one reload); a version that is still missing stays missing.
+    pub async fn load_kek(&self, version: u32) -> Result<(), KeyringError> {
+        if self.keyring().has_kek(version) {
+            return Ok(());
+        }
+        let _one = self.loading.lock().await;
+        if self.keyring().has_kek(version) {
+            return Ok(());
+        }
+        self.refresh().await
+    }
+
+    /// Asks the refresher to reload now (a data key named a KEK this instance has not loaded).
+    pub fn request_refresh(&self) {
+        self.refresh_wake.notify_one();
+    }
+
+    /// Makes a new KEK version active at once (the previous one decrypt-only) and wakes the
+    /// re-wrap job; returns the new version. The call's event commits with the change.
+    pub async fn rotate_kek(&self, draft: &mut Draft) -> Result<u32, DomainError> {
+        let newest = self
+            .store
+            .keys(KIND_KEK)
+            .await?
+            .iter()
+            .map(|r| r.version)
+            .max()
+            .unwrap_or(0);
+        let version = u32::try_from(newest + 1)
+            .map_err(|_| DomainError::Internal("KEK versions exhausted".into()))?;
+        let key = SecretKey::random()?;
+        let wrapped = self.root.wrap(KIND_KEK, version, &key)?;
+        drop(key);
+        draft.event.detail = format!("kind={KIND_KEK} version={version}");
+        let row = KeyRow {
+            kind: KIND_KEK.to_owned(),
+            version: i64::from(version),
+            state: "active".into(),
+            root_version: i64::from(wrapped.wrapping_version),
+            wrapped: wrapped.bytes,
+        };
+        let op = WriteOp::AddKeyVersion {
+            row,
+            at: now_us(),
+            demote: true,
+        };
+        self.store
+            .write_audited(op, draft.committed_record())
+            .await?;
+        draft.committed = true;
+        self.refresh().await.map_err(keyring_error)?;
+        self.rewrap_wake.notify_one();
+        tracing::info!(kind = KIND_KEK, version, "KEK rotated; re-wrap job woken");
+        Ok(version)
+    }
+
+    /// Retires a decrypt-only KEK version and destroys its wrapped bytes: refused while it is
+    /// active, while data keys are still wrapped under it, or within one refresh interval of its
+    /// demotion (an instance that has not reloaded yet may still wrap new data keys under it).
+    pub async fn retire_kek(&self, version: u32, draft: &mut Draft) -> Result<bool, DomainError> {
+        draft.event.detail = format!("kind={KIND_KEK} version={version}");
+        let versions = self.store.key_versions().await?;
+        let kek = |v: u32| {
+            versions
+                .iter()
+                .find(|r| r.kind == KIND_KEK && r.version == i64::from(v))
+        };
+        if kek(version).is_none() {
+            return Err(DomainError::NotFoundNamed {
+                what: "KEK version",
+            });
+        }
+        if let Some(next) = kek(version + 1) {
+            let settled = next.created_at + micros(self.settings.refresh);
+            let now = now_us();
+            if now < settled {
+                return Err(DomainError::FailedPrecondition(format!(
+                    "kek v{version} was demoted less than the keyring refresh interval ago; \
+                     retry in {} ms, once every instance has loaded v{}",
+                    (settled - now) / 1000 + 1,
+                    version + 1
+                )));
+            }
+        }
+        let op = WriteOp::RetireKey {
+            kind: KIND_KEK.to_owned(),
+            version,
+            at: now_us(),
+        };
+        let now = match self.store.write_audited(op, draft.committed_record()).await {
+            Ok(WriteOutcome::KeyRetired { now }) => now,
+            Ok(other) => return Err(DomainError::Internal(format!("retire answered {other:?}"))),
+            Err(StoreError::NotFound) => {
+                return Err(DomainError::NotFoundNamed {
+                    what: "KEK version",
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        draft.committed = true;
+        self.refresh().await.map_err(keyring_error)?;
+        tracing::info!(
+            kind = KIND_KEK,
+            version,
+            "KEK retired; its wrapped key destroyed"
+        );
+        Ok(now)
+    }
+
+    /// Every key version with its state, the data keys per KEK, and (given a time) what a backup
+    /// taken then depends on.
+    pub async fn status(&self, backup_at_us: Option<i64>) -> Result<KeyStatus, DomainError> {
+        let counts: BTreeMap<u32, u64> = self.store.dek_counts().await?.into_iter().collect();
+        let roots = self
+            .store
+            .root_checks()
+            .await?
+            .into_iter()
+            .map(root_info)
+            .collect::<Result<Vec<_>, _>>()?;
+        let keys = self
+            .store
+            .key_versions()
+            .await?
+            .into_iter()
+            .map(|row| {
+                let mut info = key_info(row)?;
+                if info.kind == KIND_KEK {
+                    info.data_keys = Some(counts.get(&info.version).copied().unwrap_or(0));
+                }
+                Ok(info)
+            })
+            .collect::<Result<Vec<_>, DomainError>>()?;
+        let active_kek = keys
+            .iter()
+            .filter(|k| k.kind == KIND_KEK && k.state == "active")
+            .map(|k| k.version)
+            .max()
+            .unwrap_or(0);
+        let rewrap_pending = counts
+            .iter()
+            .filter(|(v, _)| **v < active_kek)
+            .map(|(_, n)| n)
+            .sum();
+        let backup = backup_at_us.map(|at| backup_dependencies(at, &roots, &keys));
+        Ok(KeyStatus {
+            roots,
+            keys,
+            active_kek,
+            rewrap_pending,
+            backup,
+        })
+    }
+
+    /// Re-wraps up to one batch of data keys under the active KEK; how many it moved, or `None`
+    /// when none was left. A data key another call changed meanwhile is left to the next batch.
+    pub async fn rewrap_batch(&self) -> Result<Option<u64>, DomainError> {
+        let ring = self.keyring();
+        let active = ring.active_kek();
+        let rows = self
+            .store
+            .deks_below(active, self.settings.rewrap_batch.max(1))
+            .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut rewrapped = Vec::with_capacity(rows.len());
+        for row in rows {
+            let wrapped = WrappedKey {
+                wrapping_version: row.kek_version,
+                bytes: row.wrapped_dek,
+            };
+            let dek = match ring.unwrap_dek(row.id, row.dek_id, &wrapped) {
+                Ok(dek) => dek,
+                Err(CryptoError::UnknownKeyVersion { version, .. }) => {
+                    return Err(DomainError::Internal(format!(
+                        "subject {}: data key under kek v{version}, which is retired or unknown",
+                        row.id
+                    )));
+                }
+                Err(e) => {
+                    tracing::error!(subject = %row.id, error = %e, "data key failed authentication; not re-wrapped");
+                    continue;
+                }
+            };
+            let new = ring.wrap_dek(row.id, row.dek_id, &dek)?;
+            rewrapped.push(Rewrapped {
+                id: row.id,
+                old_version: row.kek_version,
+                new_version: new.wrapping_version,
+                wrapped: new.bytes,
+            });
+        }
+        if rewrapped.is_empty() {
+            return Err(DomainError::Internal(
+                "no data key of the batch could be re-wrapped (see the log)".into(),
+            ));
+        }
+        match self.store.write(WriteOp::Rewrap(rewrapped)).await? {
+            WriteOutcome::Rewrapped { count } => Ok(Some(count)),
+            other => Err(DomainError::Internal(format!("re-wrap answered {other:?}"))),
+        }
+    }
+
+    /// Re-wraps data keys until none is left under an older KEK, at most `rate` per second
+    /// (0: no limit); how many it moved. Appends one audit event when it moved any.
+    pub async fn rewrap_all(&self, rate: u32) -> Result<u64, DomainError> {
+        let started = tokio::time::Instant::now();
+        let mut total = 0u64;
+        while let Some(moved) = self.rewrap_batch().await? {
+            total += moved;
+            if rate > 0 {
+                let due = started + Duration::from_secs_f64(total as f64 / f64::from(rate));
+                tokio::time::sleep_until(due).await;
+            }
+        }
+        if total > 0 {
+            let active = self.keyring().active_kek();
+            let event = AuditEvent {
+                at_us: now_us(),
+                method: "keys.rewrap".to_owned(),
+                caller: REWRAP_CALLER.to_owned(),
+                role: "system".to_owned(),
+                policy_version: self.policy_version.clone(),
+                outcome: super::call::OK.to_owned(),
+                detail: format!("kind={KIND_KEK} version={active} rewrapped={total}"),
+                ..AuditEvent::default()
+            };
+            self.store
+                .record(crate::audit::AuditTrail::record_of(&event))
+                .await?;
+            tracing::info!(
+                kek = active,
+                rewrapped = total,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "every data key is under the active KEK"
+            );
+        }
+        Ok(total)
+    }
+
+    /// Starts the refresher (every `refresh`, or at once when asked) and, unless switched off,
+    /// the re-wrap job. Both end when the instance's keys are dropped.
+    pub fn spawn_jobs(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let every = self.settings.refresh;
+        tokio::spawn(async move {
+            loop {
+                let Some(keys) = weak.upgrade() else { return };
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = keys.refresh_wake.notified() => {}
+                }
+                if let Err(e) = keys.refresh().await {
+                    tracing::warn!(error = %e, "keyring reload failed; retried at the next interval");
+                }
+            }
+        });
+        if self.settings.rewrap_rate == 0 {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(keys) = weak.upgrade() else { return };
+                if let Err(e) = keys.rewrap_all(keys.settings.rewrap_rate).await {
+                    tracing::warn!(error = %e, "KEK re-wrap failed; resumed at the next interval");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = keys.rewrap_wake.notified() => {}
+                }
+            }
+        });
+    }
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn keyring_error(e: KeyringError) -> DomainError {
+    match e {
+        KeyringError::Store(e) => e.into(),
+        other => DomainError::Internal(other.to_string()),
+    }
+}
+
+fn version_of(v: i64, what: &str) -> Result<u32, DomainError> {
+    u32::try_from(v).map_err(|_| DomainError::Internal(format!("corrupt {what}")))
+}
+
+fn root_info(row: RootCheckRow) -> Result<RootVersionInfo, DomainError> {
+    Ok(RootVersionInfo {
+        version: version_of(row.version, "root version")?,
+        created_at_us: row.created_at,
+        retired_at_us: row.retired_at,
+    })
+}
+
+fn key_info(row: KeyVersionRow) -> Result<KeyVersionInfo, DomainError> {
+    Ok(KeyVersionInfo {
+        version: version_of(row.version, "key version")?,
+        root_version: version_of(row.root_version, "root version")?,
+        kind: row.kind,
+        state: row.state,
+        created_at_us: row.created_at,
+        retired_at_us: row.retired_at,
+        data_keys: None,
+    })
+}
+
+/// The versions in existence at `at`: created by then and not retired before.
+fn backup_dependencies(
+    at: i64,
+    roots: &[RootVersionInfo],
+    keys: &[KeyVersionInfo],
+) -> BackupDependencies {
+    let alive_then =
+        |created: i64, retired: Option<i64>| created <= at && retired.is_none_or(|r| r > at);
+    let roots: Vec<RootVersionInfo> = roots
+        .iter()
+        .filter(|r| alive_then(r.created_at_us, r.retired_at_us))
+        .cloned()
+        .collect();
+    let keys: Vec<KeyVersionInfo> = keys
+        .iter()
+        .filter(|k| ERASURE_KINDS.contains(&k.kind.as_str()))
+        .filter(|k| alive_then(k.created_at_us, k.retired_at_us))
+        .cloned()
+        .collect();
+    let unrecoverable = roots.iter().all(|r| r.retired_at_us.is_some())
+        && keys.iter().all(|k| k.retired_at_us.is_some());
+    BackupDependencies {
+        at_us: at,
+        roots,
+        keys,
+        unrecoverable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(kind: &str, version: u32, created: i64, retired: Option<i64>) -> KeyVersionInfo {
+        KeyVersionInfo {
+            kind: kind.into(),
+            version,
+            state: if retired.is_some() {
+                "retired"
+            } else {
+                "active"
+            }
+            .into(),
+            root_version: 1,
+            created_at_us: created,
+            retired_at_us: retired,
+            data_keys: None,
+        }
+    }
+
+    #[test]
+    fn a_backup_depends_on_the_versions_alive_when_it_was_taken() {
+        let roots = [RootVersionInfo {
+            version: 1,
+            created_at_us: 0,
+            retired_at_us: None,
+        }];
+        let keys = [
+            key(KIND_KEK, 1, 0, Some(50)),
+            key(KIND_KEK, 2, 40, None),
+            key(KIND_KEK, 3, 200, None),
+            key(KIND_BLIND_INDEX, 1, 0, None),
+            key(KIND_AUDIT_CHAIN, 1, 0, None),
+        ];
+        let deps = backup_dependencies(45, &roots, &keys);
+        let listed: Vec<(&str, u32)> = deps
+            .keys
+            .iter()
+            .map(|k| (k.kind.as_str(), k.version))
+            .collect();
+        assert_eq!(
+            listed,
+            [(KIND_KEK, 1), (KIND_KEK, 2), (KIND_BLIND_INDEX, 1)],
+            "KEK v3 came later; audit keys protect no personal data"
+        );
+        assert!(!deps.unrecoverable);
+        let later = backup_dependencies(60, &roots, &keys);
+        assert!(
+            later
+                .keys
+                .iter()
+                .all(|k| !(k.kind == KIND_KEK && k.version == 1))
+        );
+    }
+
+    #[test]
+    fn a_backup_is_unrecoverable_only_once_every_version_it_needs_is_retired() {
+        let retired_root = [RootVersionInfo {
+            version: 1,
+            created_at_us: 0,
+            retired_at_us: Some(100),
+        }];
+        let keys = [
+            key(KIND_KEK, 1, 0, Some(90)),
+            key(KIND_BLIND_INDEX, 1, 0, Some(95)),
+        ];
+        assert!(backup_dependencies(10, &retired_root, &keys).unrecoverable);
+        let keys = [
+            key(KIND_KEK, 1, 0, Some(90)),
+            key(KIND_BLIND_INDEX, 1, 0, None),
+        ];
+        assert!(!backup_dependencies(10, &retired_root, &keys).unrecoverable);
+    }
 }

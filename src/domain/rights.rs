@@ -470,6 +470,7 @@ impl Rights {
             .subject(id)
             .await?
             .ok_or(DomainError::NotFound)?;
+        self.vault.ensure_keks([&row]).await;
         let (subject, stored) = self.vault.open_row(&row, PathSet::all())?;
         draft.read(stored);
         let mut scratch = draft.clone();

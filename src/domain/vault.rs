@@ -9,13 +9,14 @@ use super::{
     DomainError, FieldChanges, FieldPath, FieldValue, StoredField, Violation,
     access::Access,
     call::Draft,
+    keys::Keys,
     paths::IndexKind,
     record::{RecordError, SealedRecord, index_key, new_subject_id},
     values,
 };
 use crate::{
     clock::Clock,
-    crypto::{CryptoError, FieldCipher, Keyring, SecretKey, WrappedKey},
+    crypto::{CryptoError, FieldCipher, SecretKey, WrappedKey},
     policy::{
         Objection, PathSet, Policy,
         lifecycle::{Mark, PathState},
@@ -65,16 +66,16 @@ pub struct LookupKey {
 /// The vault service of one instance.
 pub struct Vault {
     pub(super) store: Store,
-    pub(super) keyring: Arc<Keyring>,
+    pub(super) keys: Arc<Keys>,
     pub(super) policy: Arc<Policy>,
     pub(super) clock: Clock,
 }
 
 impl Vault {
-    pub fn new(store: Store, keyring: Arc<Keyring>, policy: Arc<Policy>, clock: Clock) -> Self {
+    pub fn new(store: Store, keys: Arc<Keys>, policy: Arc<Policy>, clock: Clock) -> Self {
         Self {
             store,
-            keyring,
+            keys,
             policy,
             clock,
         }
@@ -146,7 +147,7 @@ impl Vault {
         let id = new_subject_id();
         let dek_id = Uuid::new_v4();
         let dek = SecretKey::random()?;
-        let wrapped = self.keyring.wrap_dek(id, dek_id, &dek)?;
+        let wrapped = self.keys.keyring().wrap_dek(id, dek_id, &dek)?;
         let cipher = FieldCipher::new(&dek, id, dek_id)?;
         let mut record = SealedRecord::default();
         let mut index = Vec::new();
@@ -212,6 +213,7 @@ impl Vault {
         if let Some(refusal) = self.unusable(access, &[&row]).await?.remove(&id) {
             return Err(refusal);
         }
+        self.ensure_keks([&row]).await;
         self.open_visible(access, &row, wanted, draft)
     }
 
@@ -237,6 +239,8 @@ impl Vault {
         for id in ids {
             draft.subject(*id);
         }
+        self.ensure_keks(rows.values().filter_map(|r| r.as_ref().ok()))
+            .await;
         Ok(ids
             .iter()
             .map(|id| {
@@ -274,7 +278,8 @@ impl Vault {
         }
         draft.event.detail = format!("lookup={}", key.path.as_str());
         let (_, digest) = self
-            .keyring
+            .keys
+            .keyring()
             .blind_index(key.path.as_str(), &index_key(key.path, &key.value));
         let found = self
             .store
@@ -335,6 +340,7 @@ impl Vault {
                     actual: row.version,
                 });
             }
+            self.ensure_keks([&row]).await;
             let cipher = self.cipher(&row)?;
             let mut record =
                 SealedRecord::decode_blob(&row.record).map_err(|e| data_loss(id, e))?;
@@ -549,6 +555,7 @@ impl Vault {
         loop {
             attempts += 1;
             let row = self.store.subject(id).await?.ok_or(DomainError::NotFound)?;
+            self.ensure_keks([&row]).await;
             let (view, _) = self.open_row(&row, PathSet::from_paths([path]))?;
             let mut log = match view.fields.get(&path).map(|f| &f.value) {
                 Some(FieldValue::Activity(list)) => list.clone(),
@@ -602,20 +609,41 @@ impl Vault {
         }
     }
 
+    /// Reloads the keyring first if a row's data key is under a KEK version this instance has not
+    /// loaded (another instance rotated since the last reload), so no read fails for that.
+    pub(super) async fn ensure_keks<'a>(&self, rows: impl IntoIterator<Item = &'a SubjectRow>) {
+        let ring = self.keys.keyring();
+        let missing = rows
+            .into_iter()
+            .map(|row| row.kek_version)
+            .find(|v| !ring.has_kek(*v));
+        if let Some(version) = missing
+            && let Err(e) = self.keys.load_kek(version).await
+        {
+            tracing::warn!(error = %e, "keyring reload failed");
+        }
+    }
+
     fn cipher(&self, row: &SubjectRow) -> Result<FieldCipher, DomainError> {
         let wrapped = WrappedKey {
             wrapping_version: row.kek_version,
             bytes: row.wrapped_dek.clone(),
         };
         let dek = self
-            .keyring
+            .keys
+            .keyring()
             .unwrap_dek(row.id, row.dek_id, &wrapped)
             .map_err(|e| match e {
-                // A KEK this instance does not hold is a keyring problem, not tampering.
-                CryptoError::UnknownKeyVersion { .. } => DomainError::Internal(format!(
-                    "subject {}: data key wrapped under a KEK this instance does not hold: {e}",
-                    row.id
-                )),
+                // A KEK this instance has not loaded yet (another instance rotated a moment ago)
+                // is a keyring problem, not tampering: reload, and let the caller retry.
+                CryptoError::UnknownKeyVersion { version, .. } => {
+                    self.keys.request_refresh();
+                    DomainError::Unavailable(format!(
+                        "subject {}: data key under kek v{version}, which this instance has not \
+                         loaded yet; retry",
+                        row.id
+                    ))
+                }
                 _ => data_loss(row.id, RecordError::Crypto(e)),
             })?;
         Ok(FieldCipher::new(&dek, row.id, row.dek_id)?)
@@ -647,7 +675,8 @@ impl Vault {
         let _kind: IndexKind = path.index()?;
         let text = value.as_text()?;
         let (key_version, digest) = self
-            .keyring
+            .keys
+            .keyring()
             .blind_index(path.as_str(), &index_key(path, text));
         Some(IndexEntry {
             path: path.as_str(),

@@ -5,6 +5,7 @@
 //! drains concurrent requests into one transaction per batch.
 
 mod audit;
+mod keys;
 mod reader;
 mod retention;
 mod rights;
@@ -24,6 +25,7 @@ use sqlx::{
 use uuid::Uuid;
 
 pub use audit::{AUDIT_INDEX_BATCH, AuditFilter, AuditRecord, ChainLinker, StoredAuditEvent};
+pub use keys::{DekRow, KeyVersionRow, Rewrapped, RootCheckRow};
 pub use retention::{HoldRow, MarkedSubject, RecordRow};
 pub use rights::{ConsentEventRow, DisclosureRow, ReceiptRow, RestrictionRow};
 pub use writer::{ConsentChange, RecordChange, Redacted, WriteOp, WriteOutcome};
@@ -54,6 +56,10 @@ pub enum StoreError {
     Url(String),
     #[error("migration failed: {0}")]
     Migrate(String),
+    /// The write is not allowed in the stored state (a key version still in use); the text
+    /// names the reason and may be shown.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl From<sqlx::Error> for StoreError {

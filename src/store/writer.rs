@@ -143,6 +143,24 @@ pub enum WriteOp {
         id: String,
         at: i64,
     },
+    /// A new version of a key kind, wrapped under the root key; with `demote`, the kind's active
+    /// version becomes decrypt-only in the same transaction. `Refused` if the version exists
+    /// (another instance rotated first).
+    AddKeyVersion {
+        row: super::KeyRow,
+        at: i64,
+        demote: bool,
+    },
+    /// Retires a decrypt-only key version and destroys its wrapped bytes; a KEK only while no
+    /// data key is wrapped under it. `Refused` naming the reason otherwise, `NotFound` for a
+    /// version that never existed; retiring a retired version changes nothing.
+    RetireKey {
+        kind: String,
+        version: u32,
+        at: i64,
+    },
+    /// Data keys wrapped anew, each applied only if still under its old KEK version.
+    Rewrap(Vec<super::Rewrapped>),
 }
 
 /// Text `Debug` does not print (a password hash in a [`WriteOp`]).
@@ -256,6 +274,15 @@ pub enum WriteOutcome {
     },
     /// An audit event without an op was appended.
     Recorded,
+    KeyAdded,
+    /// `false`: the version had been retired before.
+    KeyRetired {
+        now: bool,
+    },
+    /// How many data keys were re-wrapped (the others had changed or gone meanwhile).
+    Rewrapped {
+        count: u64,
+    },
 }
 
 type Reply = oneshot::Sender<Result<WriteOutcome, StoreError>>;
@@ -1218,6 +1245,90 @@ macro_rules! apply_one {
                     // An unknown caller is an error, so the op (and its event) does not apply.
                     found.ok_or(StoreError::NotFound)?;
                     Ok(WriteOutcome::CallerRevoked { found: true })
+                }
+                WriteOp::AddKeyVersion { row, at, demote } => {
+                    if *demote {
+                        sqlx::query("UPDATE keys SET state = 'decrypt-only' WHERE kind = $1 AND state = 'active'")
+                            .bind(row.kind.clone())
+                            .execute(&mut *$conn)
+                            .await?;
+                    }
+                    let added = sqlx::query(
+                        "INSERT INTO keys (kind, version, state, root_version, wrapped, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (kind, version) DO NOTHING",
+                    )
+                    .bind(row.kind.clone())
+                    .bind(row.version)
+                    .bind(row.state.clone())
+                    .bind(row.root_version)
+                    .bind(row.wrapped.clone())
+                    .bind(*at)
+                    .execute(&mut *$conn)
+                    .await?
+                    .rows_affected();
+                    if added == 0 {
+                        return Err(StoreError::Refused(format!(
+                            "{} version {} was created meanwhile (a concurrent rotation); try again",
+                            row.kind, row.version
+                        )));
+                    }
+                    Ok(WriteOutcome::KeyAdded)
+                }
+                WriteOp::RetireKey { kind, version, at } => {
+                    let retired = sqlx::query(
+                        "UPDATE keys SET state = 'retired', wrapped = $3, retired_at = $4 \
+                         WHERE kind = $1 AND version = $2 AND state = 'decrypt-only' \
+                         AND ($1 <> 'kek' OR NOT EXISTS (SELECT 1 FROM subjects WHERE kek_version = $2))",
+                    )
+                    .bind(kind.clone())
+                    .bind(i64::from(*version))
+                    .bind(Vec::<u8>::new())
+                    .bind(*at)
+                    .execute(&mut *$conn)
+                    .await?
+                    .rows_affected();
+                    if retired > 0 {
+                        return Ok(WriteOutcome::KeyRetired { now: true });
+                    }
+                    let state: Option<String> = sqlx::query_scalar("SELECT state FROM keys WHERE kind = $1 AND version = $2")
+                        .bind(kind.clone())
+                        .bind(i64::from(*version))
+                        .fetch_optional(&mut *$conn)
+                        .await?;
+                    match state.as_deref() {
+                        None => Err(StoreError::NotFound),
+                        Some("retired") => Ok(WriteOutcome::KeyRetired { now: false }),
+                        Some("active") => Err(StoreError::Refused(format!(
+                            "{kind} v{version} is the active version: rotate first, then retire it"
+                        ))),
+                        Some(_) => {
+                            let in_use: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM subjects WHERE kek_version = $1")
+                                .bind(i64::from(*version))
+                                .fetch_one(&mut *$conn)
+                                .await?;
+                            Err(StoreError::Refused(format!(
+                                "{in_use} data keys are still wrapped under {kind} v{version}: \
+                                 retire it once the re-wrap job has moved them (see KeyStatus)"
+                            )))
+                        }
+                    }
+                }
+                WriteOp::Rewrap(rows) => {
+                    let mut count = 0;
+                    for chunk in rows.chunks(1000) {
+                        let mut q = sqlx::QueryBuilder::new(
+                            "UPDATE subjects SET kek_version = v.column2, wrapped_dek = v.column3 FROM (",
+                        );
+                        q.push_values(chunk.iter(), |mut b, r| {
+                            b.push_bind(r.id.as_bytes().to_vec())
+                                .push_bind(i64::from(r.new_version))
+                                .push_bind(r.wrapped.clone())
+                                .push_bind(i64::from(r.old_version));
+                        });
+                        q.push(") AS v WHERE subjects.id = v.column1 AND subjects.kek_version = v.column4");
+                        count += q.build().execute(&mut *$conn).await?.rows_affected();
+                    }
+                    Ok(WriteOutcome::Rewrapped { count })
                 }
             }
         }

@@ -293,6 +293,8 @@ pub struct TestApp {
     pub consent: Arc<kluis::domain::consent::Consent>,
     /// The server's clock: `advance_us` jumps it ahead (retention tests jump years).
     pub clock: Clock,
+    /// The server's keys (tests run re-wrap batches themselves).
+    pub keys: Arc<kluis::domain::keys::Keys>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), kluis::StartupError>>>,
     channel: Channel,
@@ -328,6 +330,7 @@ pub async fn spawn_with(db: Arc<TestDb>, configure: impl FnOnce(&mut ServeArgs))
     let store = app.store().clone();
     let trail = app.audit_trail().clone();
     let consent = app.consent().clone();
+    let keys = app.keys().clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until(async {
         let _ = rx.await;
@@ -349,6 +352,7 @@ pub async fn spawn_with(db: Arc<TestDb>, configure: impl FnOnce(&mut ServeArgs))
         trail,
         consent,
         clock,
+        keys,
         shutdown: Some(tx),
         task: Some(task),
         channel,

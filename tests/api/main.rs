@@ -7,6 +7,7 @@ mod cli;
 mod consent;
 mod credentials;
 mod helpers;
+mod keys;
 mod operations;
 mod policy;
 mod retention;

@@ -1,0 +1,8 @@
+-- Key rotation (PostgreSQL). Never edit once landed.
+-- When a key version was retired (its wrapped bytes destroyed) and when a root-key version was
+-- retired; KeyStatus tells from these which versions a backup taken at a given time depends on.
+ALTER TABLE keys ADD COLUMN retired_at BIGINT;
+ALTER TABLE root_key_checks ADD COLUMN retired_at BIGINT;
+-- The re-wrap job finds the data keys still under an older KEK, and KeyStatus counts them per
+-- version, without scanning every subject.
+CREATE INDEX subjects_kek_version ON subjects (kek_version);

@@ -1,0 +1,447 @@
+//! Key rotation through the real server: KEK rotation under load with the background re-wrap job,
+//! retirement refused while a version is in use, the job resumed after `kill -9`, a second
+//! instance picking up a rotation, `KeyStatus` and the backup dependencies, and the audit trail.
+
+use std::{
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use kluis::api::pb;
+use tonic::Code;
+
+use crate::helpers::{
+    TestApp, TestDb, captured_logs, full_subject, postgres_mode, spawn_with, tag,
+};
+
+/// Settings for these tests: a fast keyring reload, and the re-wrap job at `rate` (0: off).
+fn keys_config(rate: u32) -> impl FnOnce(&mut kluis::ServeArgs) {
+    move |args| {
+        args.keys.refresh_seconds = 0.2;
+        args.keys.rewrap_rate = rate;
+        args.keys.rewrap_batch = 25;
+    }
+}
+
+async fn status(app: &TestApp) -> pb::KeyStatusResponse {
+    app.admin()
+        .key_status(pb::KeyStatusRequest { backup_time: None })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Data keys per KEK version, as KeyStatus counts them.
+fn data_keys(status: &pb::KeyStatusResponse) -> Vec<(u32, u64)> {
+    status
+        .keys
+        .iter()
+        .filter(|k| k.kind == "kek" && k.data_keys.unwrap_or(0) > 0)
+        .map(|k| (k.version, k.data_keys.unwrap_or(0)))
+        .collect()
+}
+
+async fn rotate(app: &TestApp) -> u32 {
+    app.admin()
+        .rotate_kek(pb::RotateKekRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .version
+}
+
+async fn retire(app: &TestApp, version: u32) -> Result<bool, tonic::Status> {
+    app.admin()
+        .retire_kek(pb::RetireKekRequest { version })
+        .await
+        .map(|r| r.into_inner().retired_now)
+}
+
+/// Creates `n` subjects, 16 at a time; their ids and family names.
+async fn create_many(app: &TestApp, n: usize) -> Vec<(String, String)> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let batch = (n - out.len()).min(16);
+        let created =
+            futures_util::future::join_all((0..batch).map(|_| app.create(full_subject(&tag()))))
+                .await;
+        out.extend(created.into_iter().map(|s| (s.id, s.name.unwrap().family)));
+    }
+    out
+}
+
+/// Reads every subject back and compares its family name.
+async fn all_readable(app: &TestApp, subjects: &[(String, String)]) {
+    for (id, family) in subjects {
+        let got = app.get(id).await.unwrap_or_else(|e| panic!("{id}: {e:?}"));
+        assert_eq!(&got.name.unwrap().family, family, "{id}");
+    }
+}
+
+/// Waits until no data key is left under an older KEK (the job finished), at most 60 s.
+async fn wait_rewrapped(app: &TestApp) -> pb::KeyStatusResponse {
+    let started = Instant::now();
+    loop {
+        let s = status(app).await;
+        if s.rewrap_pending == 0 {
+            return s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "re-wrap stalled: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kek_rotated_twice_under_concurrent_reads_and_writes_fails_no_request() {
+    // A slow job, so rotations and re-wrapping overlap the load.
+    let app = spawn_with(TestDb::new().await, keys_config(1500)).await;
+    let subjects = Arc::new(create_many(&app, 150).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let created = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let mut load = Vec::new();
+    for worker in 0..4usize {
+        let (subjects, stop, calls, created) = (
+            subjects.clone(),
+            stop.clone(),
+            calls.clone(),
+            created.clone(),
+        );
+        let mut client = app.subjects();
+        load.push(tokio::spawn(async move {
+            let mut i = worker;
+            while !stop.load(Ordering::Relaxed) {
+                let (id, family) = &subjects[i % subjects.len()];
+                if i % 5 == 0 {
+                    // A write: a new subject (wrapped under whatever KEK is active).
+                    let s = client
+                        .create_subject(pb::CreateSubjectRequest {
+                            subject: Some(full_subject(&tag())),
+                            source: String::new(),
+                        })
+                        .await
+                        .map_err(|e| format!("create: {e:?}"))?
+                        .into_inner()
+                        .subject
+                        .unwrap();
+                    created.lock().await.push((s.id, s.name.unwrap().family));
+                } else if i % 5 == 1 {
+                    // A write to an existing subject.
+                    client
+                        .update_subject(pb::UpdateSubjectRequest {
+                            subject: Some(pb::Subject {
+                                id: id.clone(),
+                                contact: Some(pb::Contact {
+                                    email: String::new(),
+                                    phone: "+31612345678".into(),
+                                }),
+                                ..Default::default()
+                            }),
+                            update_mask: Some(prost_types::FieldMask {
+                                paths: vec!["contact.phone".into()],
+                            }),
+                            expected_version: None,
+                            source: String::new(),
+                        })
+                        .await
+                        .map_err(|e| format!("update {id}: {e:?}"))?;
+                } else {
+                    let got = client
+                        .get_subject(pb::GetSubjectRequest {
+                            id: id.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| format!("get {id}: {e:?}"))?
+                        .into_inner()
+                        .subject
+                        .unwrap();
+                    if &got.name.unwrap().family != family {
+                        return Err(format!("{id}: another family name"));
+                    }
+                }
+                calls.fetch_add(1, Ordering::Relaxed);
+                i += 4;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rotate(&app).await, 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rotate(&app).await, 3);
+    let done = wait_rewrapped(&app).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap().unwrap();
+    }
+    assert!(calls.load(Ordering::Relaxed) > 100, "the load ran");
+    // Subjects created during the load may have been wrapped under v2 after the job looked: run
+    // one more pass, then everything is under v3.
+    app.keys.rewrap_all(0).await.unwrap();
+    let total = 150 + created.lock().await.len() as u64;
+    assert_eq!(data_keys(&status(&app).await), [(3, total)], "{done:?}");
+    assert_eq!(done.active_kek_version, 3);
+    let states: Vec<(u32, String)> = done
+        .keys
+        .iter()
+        .filter(|k| k.kind == "kek")
+        .map(|k| (k.version, k.state.clone()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (1, "decrypt-only".to_owned()),
+            (2, "decrypt-only".to_owned()),
+            (3, "active".to_owned())
+        ]
+    );
+    all_readable(&app, &subjects).await;
+    all_readable(&app, &created.lock().await).await;
+    // The rotations are in the audit trail, and the chain is intact.
+    let rotations = app
+        .audit_events(pb::QueryAuditLogRequest {
+            method: "kluis.v1.AdminService/RotateKek".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(rotations.len(), 2);
+    let verified = app
+        .audit()
+        .verify_audit_chain(pb::VerifyAuditChainRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verified.intact, "{verified:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retiring_a_kek_is_refused_while_in_use_and_destroys_it_after() {
+    let db = TestDb::new().await;
+    let app = spawn_with(db.clone(), keys_config(0)).await;
+    let subjects = create_many(&app, 40).await;
+    assert_eq!(data_keys(&status(&app).await), [(1, 40)]);
+
+    let err = retire(&app, 1).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("active"), "{}", err.message());
+    assert_eq!(rotate(&app).await, 2);
+    // Right after the rotation another instance may not have loaded v2 yet.
+    let err = retire(&app, 1).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let err = retire(&app, 1).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("40 data keys are still wrapped under kek v1"),
+        "{}",
+        err.message()
+    );
+    let err = retire(&app, 2).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(retire(&app, 7).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        retire(&app, 0).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    // A non-operator may do none of it.
+    let billing = app.token_for("billing", "billing").await;
+    let mut as_billing = app.admin_as(Some(&billing));
+    let err = as_billing
+        .rotate_kek(pb::RotateKekRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = as_billing
+        .key_status(pb::KeyStatusRequest { backup_time: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // Nothing changed by the refusals.
+    assert_eq!(data_keys(&status(&app).await), [(1, 40)]);
+
+    assert_eq!(app.keys.rewrap_all(0).await.unwrap(), 40);
+    assert_eq!(data_keys(&status(&app).await), [(2, 40)]);
+    assert!(retire(&app, 1).await.unwrap());
+    assert!(
+        !retire(&app, 1).await.unwrap(),
+        "retiring again changes nothing"
+    );
+    let after = status(&app).await;
+    let v1 = after
+        .keys
+        .iter()
+        .find(|k| k.kind == "kek" && k.version == 1)
+        .unwrap();
+    assert_eq!(v1.state, "retired");
+    assert!(v1.retire_time.is_some());
+    // The wrapped key is gone from the database, not just marked.
+    assert_eq!(
+        app.raw_count(
+            "SELECT COUNT(*) FROM keys WHERE kind = 'kek' AND version = 1 AND length(wrapped) = 0"
+        )
+        .await,
+        1
+    );
+    all_readable(&app, &subjects).await;
+    let retirements = app
+        .audit_events(pb::QueryAuditLogRequest {
+            method: "kluis.v1.AdminService/RetireKek".into(),
+            ..Default::default()
+        })
+        .await;
+    let outcomes: Vec<&str> = retirements.iter().map(|e| e.outcome.as_str()).collect();
+    assert!(
+        outcomes.contains(&"OK") && outcomes.contains(&"FAILED_PRECONDITION"),
+        "{outcomes:?}"
+    );
+
+    // A restart loads only what is left, and every subject still reads.
+    let db = app.stop().await;
+    let app = spawn_with(db, keys_config(0)).await;
+    all_readable(&app, &subjects).await;
+    // No key material in the logs: not the root key, in any form.
+    let root = std::fs::read_to_string(app.db.data_dir().join("root.key")).unwrap();
+    let hex_key = root.split_whitespace().last().unwrap().to_owned();
+    assert!(!captured_logs().contains(&hex_key));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_reads_subjects_wrapped_under_a_kek_it_had_not_loaded() {
+    let db = TestDb::new().await;
+    // B reloads only every minute: it must notice the new version by itself on a read.
+    let a = spawn_with(db.clone(), keys_config(0)).await;
+    let b = spawn_with(db.clone(), |args| {
+        args.keys.refresh_seconds = 60.0;
+        args.keys.rewrap_rate = 0;
+    })
+    .await;
+    assert_eq!(rotate(&a).await, 2);
+    let subject = a.create(full_subject(&tag())).await;
+    let got = b.get(&subject.id).await.unwrap();
+    assert_eq!(got.name, subject.name);
+    assert_eq!(data_keys(&status(&b).await), [(2, 1)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rewrap_job_killed_midway_resumes_and_finishes() {
+    let db = TestDb::new().await;
+    let app = spawn_with(db.clone(), keys_config(0)).await;
+    let subjects = create_many(&app, 400).await;
+    assert_eq!(rotate(&app).await, 2);
+    // `kluis keys rewrap`, slowed down, killed with SIGKILL part-way.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kluis"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("KLUIS_DATA_DIR", db.data_dir())
+        .env("KLUIS_LOG", "warn")
+        .env("KLUIS_KEK_REWRAP_BATCH", "20")
+        .args(["keys", "rewrap", "--rate", "200"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if postgres_mode() {
+        cmd.env("KLUIS_DATABASE_URL", &db.url);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let started = Instant::now();
+    loop {
+        let pending = status(&app).await.rewrap_pending;
+        if pending <= 300 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the command made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let pending = status(&app).await.rewrap_pending;
+    assert!(
+        pending > 0 && pending < 400,
+        "killed part-way: {pending} left"
+    );
+    // Every subject reads meanwhile, whichever KEK wraps it.
+    all_readable(&app, &subjects).await;
+
+    // Restarted with the background job on, it finishes.
+    let db = app.stop().await;
+    let app = spawn_with(db, keys_config(20_000)).await;
+    let done = wait_rewrapped(&app).await;
+    assert_eq!(data_keys(&done), [(2, 400)]);
+    all_readable(&app, &subjects).await;
+    // The job says so in the audit trail.
+    let events = app
+        .audit_events(pb::QueryAuditLogRequest {
+            method: "keys.rewrap".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(!events.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_status_names_the_versions_a_backup_depends_on() {
+    let app = spawn_with(TestDb::new().await, keys_config(0)).await;
+    create_many(&app, 3).await;
+    let before = prost_types::Timestamp {
+        seconds: kluis::domain::now_us() / 1_000_000 + 1,
+        nanos: 0,
+    };
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    rotate(&app).await;
+    app.keys.rewrap_all(0).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    retire(&app, 1).await.unwrap();
+    let deps = |s: pb::KeyStatusResponse| {
+        let b = s.backup.unwrap();
+        let keys: Vec<(String, u32, bool)> = b
+            .keys
+            .iter()
+            .map(|k| (k.kind.clone(), k.version, k.retire_time.is_some()))
+            .collect();
+        (b.root_versions.len(), keys, b.unrecoverable)
+    };
+    let old = app
+        .admin()
+        .key_status(pb::KeyStatusRequest {
+            backup_time: Some(before),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (roots, keys, unrecoverable) = deps(old);
+    assert_eq!(roots, 1);
+    assert_eq!(
+        keys,
+        [
+            ("blind-index".to_owned(), 1, false),
+            ("kek".to_owned(), 1, true)
+        ],
+        "the backup needs KEK v1 (now retired) and index key v1"
+    );
+    assert!(!unrecoverable, "root v1 and index key v1 still exist");
+    let now = app
+        .admin()
+        .key_status(pb::KeyStatusRequest {
+            backup_time: Some(prost_types::Timestamp {
+                seconds: kluis::domain::now_us() / 1_000_000 + 1,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, keys, _) = deps(now);
+    assert!(keys.contains(&("kek".to_owned(), 2, false)));
+    assert!(!keys.iter().any(|k| k.0 == "kek" && k.1 == 1), "{keys:?}");
+}
