@@ -1,15 +1,7 @@
 //! Start-up and wiring: open the store, unlock the keyring, bootstrap the first operator, bind the
 //! listener. `Application::build` binds its own listener and exposes the port, so tests use port 0.
 
-use std::{
-    fs,
-    future::Future,
-    io::Write,
-    net::SocketAddr,
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
-    path::Path,
-    sync::Arc,
-};
+use std::{fs, future::Future, net::SocketAddr, os::unix::fs::DirBuilderExt, sync::Arc};
 
 use tokio::net::TcpListener;
 use zeroize::Zeroizing;
@@ -19,7 +11,7 @@ use crate::{
     audit::{AuditTrail, CheckpointSettings},
     clock::Clock,
     config::ServeArgs,
-    crypto::RootKey,
+    crypto::{RootKey, RootKeys},
     domain::{
         Callers, Retention, RetentionSettings, Vault,
         consent::Consent,
@@ -28,6 +20,7 @@ use crate::{
         keys::{KeySettings, KeyringError, Keys, open_audit_keys, open_keyring, open_rights_keys},
         rights::Rights,
     },
+    keysource::{EnvKey, KeyFile, KeySource, KeySourceError, PASSPHRASE_PARAMS, Passphrase},
     policy::{Policy, PolicyErrors},
     store::{Store, StoreError},
 };
@@ -90,19 +83,20 @@ impl Application {
         // A wrong policy file stops start-up before anything else is touched.
         let policy = Arc::new(load_policy(args)?);
         let store = Store::open(&args.storage.database_url()).await?;
-        let root = load_root_key(args, &store).await?;
-        // The root key stays in memory (zeroized on drop) inside the keys, to load the versions
-        // a rotation adds; it is never written anywhere.
+        let (roots, source) = load_root_keys(args, &store).await?;
+        // The root keys stay in memory (zeroized on drop) inside the keys, to load the versions
+        // a rotation adds; they are never written anywhere but their source.
         let keys = Keys::open(
             store.clone(),
-            root.clone(),
+            roots.clone(),
+            Some(source),
             key_settings(args)?,
             policy.version().to_owned(),
         )
         .await?;
-        let audit_keys = open_audit_keys(&store, &root).await?;
-        let rights_keys = open_rights_keys(&store, &root).await?;
-        drop(root);
+        let audit_keys = open_audit_keys(&store, &roots).await?;
+        let rights_keys = open_rights_keys(&store, &roots).await?;
+        drop(roots);
         let trail = AuditTrail::new(
             store.clone(),
             audit_keys.chain,
@@ -125,7 +119,10 @@ impl Application {
         let token_file = args.operator_token_file();
         let created = callers
             .bootstrap_operator(|token| {
-                write_secret_file_atomically(&token_file, &format!("{token}\n"))
+                crate::keysource::write_private_atomically(
+                    &token_file,
+                    format!("{token}\n").as_bytes(),
+                )
             })
             .await
             .map_err(|e| StartupError::Bootstrap(format!("{}: {e}", token_file.display())))?;
@@ -283,10 +280,11 @@ pub async fn open_retention(args: &ServeArgs) -> Result<(Arc<Retention>, Store),
 pub async fn open_keys(args: &ServeArgs) -> Result<(Arc<Keys>, Store), StartupError> {
     let store = Store::open(&args.storage.database_url()).await?;
     let trail = open_audit_trail_on(args, store.clone()).await?;
-    let root = load_root_key(args, &store).await?;
+    let (roots, source) = load_root_keys(args, &store).await?;
     let keys = Keys::open(
         store.clone(),
-        root,
+        roots,
+        Some(source),
         key_settings(args)?,
         trail.policy_version().to_owned(),
     )
@@ -305,10 +303,10 @@ async fn open_audit_trail_on(
     store: Store,
 ) -> Result<Arc<AuditTrail>, StartupError> {
     let policy = load_policy(args)?;
-    let root = load_root_key(args, &store).await?;
-    open_keyring(&store, &root).await?;
-    let keys = open_audit_keys(&store, &root).await?;
-    drop(root);
+    let (roots, _) = load_root_keys(args, &store).await?;
+    open_keyring(&store, &roots).await?;
+    let keys = open_audit_keys(&store, &roots).await?;
+    drop(roots);
     Ok(AuditTrail::new(
         store,
         keys.chain,
@@ -402,67 +400,64 @@ fn spawn_audit_pruning(trail: Arc<AuditTrail>, retention_days: u32) {
     });
 }
 
-/// The root key from `KLUIS_ROOT_KEY`, else the key file; on a fresh database without a key file a
-/// new key is generated and written (0600). A database that already has a key-check value but no
-/// key to match it is refused instead of being given a new key.
-pub async fn load_root_key(args: &ServeArgs, store: &Store) -> Result<RootKey, StartupError> {
+/// The key source the settings name: an operator passphrase (`KLUIS_ROOT_PASSPHRASE`, or the file
+/// `--root-passphrase-file` names) unsealing the sealed key file; else `KLUIS_ROOT_KEY`; else the
+/// key file.
+pub fn key_source(args: &ServeArgs) -> Result<Arc<dyn KeySource>, StartupError> {
+    let passphrase = match (
+        std::env::var("KLUIS_ROOT_PASSPHRASE"),
+        &args.root_passphrase_file,
+    ) {
+        (Ok(p), _) => Some(Zeroizing::new(p.into_bytes())),
+        (Err(_), Some(path)) => {
+            let mut text = Zeroizing::new(
+                fs::read(path)
+                    .map_err(|e| StartupError::RootKey(format!("{}: {e}", path.display())))?,
+            );
+            // A trailing newline (echo, editors) is not part of the passphrase.
+            while text.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                text.pop();
+            }
+            Some(text)
+        }
+        (Err(_), None) => None,
+    };
+    if let Some(passphrase) = passphrase {
+        let source = Passphrase::new(args.sealed_key_file(), passphrase, PASSPHRASE_PARAMS)
+            .map_err(|e| StartupError::RootKey(e.to_string()))?;
+        return Ok(Arc::new(source));
+    }
     if let Ok(text) = std::env::var("KLUIS_ROOT_KEY") {
-        let text = Zeroizing::new(text);
-        tracing::info!("root key taken from KLUIS_ROOT_KEY");
-        return RootKey::parse(&text)
-            .map_err(|e| StartupError::RootKey(format!("KLUIS_ROOT_KEY: {e}")));
+        return Ok(Arc::new(EnvKey::new(
+            "KLUIS_ROOT_KEY",
+            Zeroizing::new(text),
+        )));
     }
-    let path = args.key_file();
-    match fs::read_to_string(&path) {
-        Ok(text) => {
-            let text = Zeroizing::new(text);
-            if let Ok(meta) = fs::metadata(&path)
-                && meta.permissions().mode() & 0o077 != 0
-            {
-                tracing::warn!(path = %path.display(), "root key file is readable by group or others; chmod 600 it");
-            }
-            tracing::info!(path = %path.display(), "root key file loaded");
-            RootKey::parse(&text)
-                .map_err(|e| StartupError::RootKey(format!("{}: {e}", path.display())))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if store.key_check(1).await?.is_some() {
-                return Err(StartupError::RootKey(format!(
-                    "{} does not exist, but this database was set up with a root key: restore the key \
-                     file or set KLUIS_ROOT_KEY (a new key could not read the existing data)",
-                    path.display()
-                )));
-            }
-            let root = RootKey::generate().map_err(|e| StartupError::RootKey(e.to_string()))?;
-            write_secret_file(&path, &root.to_file_contents())
-                .map_err(|e| StartupError::RootKey(format!("{}: {e}", path.display())))?;
-            tracing::info!(path = %path.display(), "new root key file written (mode 0600); back it up apart from the database");
-            Ok(root)
-        }
-        Err(e) => Err(StartupError::RootKey(format!("{}: {e}", path.display()))),
-    }
+    Ok(Arc::new(KeyFile::new(args.key_file())))
 }
 
-/// Replaces `path` by a file readable by its owner only: written beside it, synced, then renamed,
-/// so the file is either the old one or the whole new one.
-fn write_secret_file_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    write_secret_file(&tmp, contents)?;
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
+/// The root keys from the configured source. On a fresh database a source without a key gets a
+/// new version-1 key; a database that already has a key-check value but whose source holds no key
+/// is refused instead of being given a new key.
+pub async fn load_root_keys(
+    args: &ServeArgs,
+    store: &Store,
+) -> Result<(RootKeys, Arc<dyn KeySource>), StartupError> {
+    let source = key_source(args)?;
+    let root_error = |e: KeySourceError| StartupError::RootKey(e.to_string());
+    if source.is_empty().map_err(root_error)? {
+        if store.has_key_checks().await? {
+            return Err(StartupError::RootKey(format!(
+                "the {} does not exist, but this database was set up with a root key: restore it \
+                 or set KLUIS_ROOT_KEY (a new key could not read the existing data)",
+                source.describe()
+            )));
+        }
+        let root = RootKey::generate().map_err(|e| StartupError::RootKey(e.to_string()))?;
+        source.add(&root).map_err(root_error)?;
+        tracing::info!(source = %source.describe(), "new root key written (owner-only); back it up apart from the database");
     }
-    Ok(())
-}
-
-/// Writes a new file readable by its owner only, durably.
-fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()
+    let keys = source.load().map_err(root_error)?;
+    tracing::info!(source = %source.describe(), versions = keys.len(), "root key loaded");
+    Ok((RootKeys::new(keys), source))
 }

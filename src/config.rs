@@ -35,6 +35,15 @@ pub struct ServeArgs {
     /// Root key file; default `<data-dir>/root.key`, created (mode 0600) on first start.
     #[arg(long, env = "KLUIS_KEY_FILE")]
     pub key_file: Option<PathBuf>,
+    /// A file holding the operator passphrase that unseals the sealed root-key file (e.g. a
+    /// systemd credential); `KLUIS_ROOT_PASSPHRASE` gives the passphrase itself. Either one makes
+    /// the passphrase the key source.
+    #[arg(long, env = "KLUIS_ROOT_PASSPHRASE_FILE")]
+    pub root_passphrase_file: Option<PathBuf>,
+    /// The sealed root-key file the passphrase unseals; default `<data-dir>/root.key.sealed`,
+    /// created on first start.
+    #[arg(long, env = "KLUIS_SEALED_KEY_FILE")]
+    pub sealed_key_file: Option<PathBuf>,
     /// The privacy policy (TOML); default: the shipped policy (`kluis policy show`).
     #[arg(long, env = "KLUIS_POLICY")]
     pub policy: Option<PathBuf>,
@@ -276,6 +285,8 @@ impl ServeArgs {
                 database_url,
             },
             key_file: None,
+            root_passphrase_file: None,
+            sealed_key_file: None,
             policy: None,
             audit: AuditArgs::default(),
             retention: RetentionArgs::default(),
@@ -289,6 +300,12 @@ impl ServeArgs {
         self.key_file
             .clone()
             .unwrap_or_else(|| self.storage.data_dir.join("root.key"))
+    }
+
+    pub fn sealed_key_file(&self) -> PathBuf {
+        self.sealed_key_file
+            .clone()
+            .unwrap_or_else(|| self.storage.data_dir.join("root.key.sealed"))
     }
 
     pub fn audit_checkpoint_file(&self) -> PathBuf {

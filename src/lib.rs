@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+pub mod keysource;
 pub mod policy;
 pub mod store;
 pub mod telemetry;

@@ -111,6 +111,20 @@ enum KeysCommand {
         #[arg(long = "kek-version")]
         kek_version: u32,
     },
+    /// Rotate the root key: the key source keeps a new version and every key in the database is
+    /// re-wrapped under it. Running instances pick it up from the same source when they meet it.
+    RotateRoot {
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// Retire an old root-key version no key is wrapped under any more, and remove it from the
+    /// key source (a read-only source, KLUIS_ROOT_KEY, is left to you).
+    RetireRoot {
+        #[command(flatten)]
+        args: ServeArgs,
+        #[arg(long = "root-version")]
+        root_version: u32,
+    },
     /// Print every key version, the data keys per KEK version and the re-wrap progress; with
     /// --backup-time, the versions a backup taken then depends on.
     Status {
@@ -255,6 +269,8 @@ async fn keys(command: KeysCommand) -> Result<ExitCode, String> {
         KeysCommand::RotateKek { args } => (args, KeysRun::Rotate),
         KeysCommand::Rewrap { args, rate } => (args, KeysRun::Rewrap(rate)),
         KeysCommand::RetireKek { args, kek_version } => (args, KeysRun::Retire(kek_version)),
+        KeysCommand::RotateRoot { args } => (args, KeysRun::RotateRoot),
+        KeysCommand::RetireRoot { args, root_version } => (args, KeysRun::RetireRoot(root_version)),
         KeysCommand::Status { args, backup_time } => {
             let at = backup_time
                 .map(|t| {
@@ -289,6 +305,19 @@ async fn keys(command: KeysCommand) -> Result<ExitCode, String> {
                     format!("KEK v{version} had been retired before")
                 }
             })
+        }
+        KeysRun::RotateRoot => {
+            let mut draft = cli_draft("rotate-root", &policy_version);
+            keys.rotate_root(&mut draft).await.map(|v| {
+                format!(
+                    "root key v{v} is in the key source and wraps every key; once every instance \
+                     can read it, retire the old version with `kluis keys retire-root`"
+                )
+            })
+        }
+        KeysRun::RetireRoot(version) => {
+            let mut draft = cli_draft("retire-root", &policy_version);
+            keys.retire_root(version, &mut draft).await
         }
         KeysRun::Rewrap(rate) => {
             let started = std::time::Instant::now();
@@ -351,6 +380,8 @@ async fn keys(command: KeysCommand) -> Result<ExitCode, String> {
 
 enum KeysRun {
     Rotate,
+    RotateRoot,
+    RetireRoot(u32),
     Retire(u32),
     Rewrap(u32),
     Status(Option<i64>),

@@ -38,8 +38,55 @@ impl RootKey {
         })
     }
 
+    /// A fresh root key of `version` (root-key rotation makes the next version).
+    pub fn generate_version(version: u32) -> Result<Self, CryptoError> {
+        if version == 0 {
+            return Err(CryptoError::MalformedKey("root-key versions start at 1"));
+        }
+        Ok(Self {
+            version,
+            key: SecretKey::random()?,
+        })
+    }
+
     pub fn version(&self) -> u32 {
         self.version
+    }
+
+    /// Parses one or more keys as [`RootKey::parse`] reads them, one per line (a key file or
+    /// `KLUIS_ROOT_KEY` holding several versions during a root-key rotation). Blank lines and
+    /// lines starting with `#` are skipped.
+    pub fn parse_all(text: &str) -> Result<Vec<Self>, CryptoError> {
+        let keys = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(Self::parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        if keys.is_empty() {
+            return Err(CryptoError::MalformedKey(
+                "expected `kluis-root-key v1 <64 hex digits>`",
+            ));
+        }
+        Ok(keys)
+    }
+
+    /// Seals this root key under a key derived from `passphrase` with Argon2id (the operator
+    /// passphrase key source); the salt and parameters travel with the result.
+    pub fn seal_with_passphrase(
+        &self,
+        passphrase: &[u8],
+        params: super::PasswordParams,
+    ) -> Result<SealedRootKey, CryptoError> {
+        let salt = super::random_bytes::<16>()?;
+        let kek = passphrase_key(passphrase, &salt, params)?;
+        let sealed = seal(&kek, &sealed_aad(self.version), self.key.expose())?;
+        Ok(SealedRootKey {
+            version: self.version,
+            params,
+            salt: salt.to_vec(),
+            sealed: sealed.to_bytes(),
+        })
     }
 
     /// Parses `kluis-root-key v<version> <64 hex digits>` (the key file and `KLUIS_ROOT_KEY`).
@@ -118,6 +165,171 @@ impl RootKey {
             &Sealed::from_bytes(&wrapped.bytes)?,
         )?;
         SecretKey::from_slice(&plain)
+    }
+}
+
+/// A root key sealed under an operator passphrase: one line of the sealed key file,
+/// `kluis-sealed-root-key v<version> argon2id m=<KiB>,t=<passes>,p=<lanes> <salt hex> <sealed hex>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedRootKey {
+    pub version: u32,
+    pub params: super::PasswordParams,
+    pub salt: Vec<u8>,
+    pub sealed: Vec<u8>,
+}
+
+const SEALED_TAG: &str = "kluis-sealed-root-key";
+
+fn sealed_aad(version: u32) -> Vec<u8> {
+    format!("kluis.sealed-root/v{version}").into_bytes()
+}
+
+/// The 256-bit key Argon2id derives from a passphrase and salt.
+fn passphrase_key(
+    passphrase: &[u8],
+    salt: &[u8],
+    params: super::PasswordParams,
+) -> Result<SecretKey, CryptoError> {
+    let mut out = Zeroizing::new([0u8; 32]);
+    super::password::derive_key(params, passphrase, salt, out.as_mut())?;
+    SecretKey::from_slice(out.as_ref())
+}
+
+impl SealedRootKey {
+    /// The root key, if `passphrase` is the one it was sealed with: `Authentication` otherwise.
+    pub fn unseal(&self, passphrase: &[u8]) -> Result<RootKey, CryptoError> {
+        let kek = passphrase_key(passphrase, &self.salt, self.params)?;
+        let plain = open(
+            &kek,
+            &sealed_aad(self.version),
+            &Sealed::from_bytes(&self.sealed)?,
+        )?;
+        Ok(RootKey {
+            version: self.version,
+            key: SecretKey::from_slice(&plain)?,
+        })
+    }
+
+    pub fn to_line(&self) -> String {
+        format!(
+            "{SEALED_TAG} v{} argon2id m={},t={},p={} {} {}\n",
+            self.version,
+            self.params.m_kib,
+            self.params.t,
+            self.params.p,
+            hex::encode(&self.salt),
+            hex::encode(&self.sealed)
+        )
+    }
+
+    /// Parses every line of a sealed key file (blank and `#` lines skipped).
+    pub fn parse_all(text: &str) -> Result<Vec<Self>, CryptoError> {
+        let bad = || {
+            CryptoError::MalformedKey(
+                "expected `kluis-sealed-root-key v1 argon2id m=…,t=…,p=… <salt> <sealed>`",
+            )
+        };
+        let mut out = Vec::new();
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let [tag, version, alg, params, salt, sealed] = words.as_slice() else {
+                return Err(bad());
+            };
+            if *tag != SEALED_TAG || *alg != "argon2id" {
+                return Err(bad());
+            }
+            let version = version
+                .strip_prefix('v')
+                .and_then(|v| v.parse::<u32>().ok())
+                .filter(|v| *v > 0)
+                .ok_or_else(bad)?;
+            let mut m_kib = None;
+            let mut t = None;
+            let mut p = None;
+            for part in params.split(',') {
+                let (name, value) = part.split_once('=').ok_or_else(bad)?;
+                let value: u32 = value.parse().map_err(|_| bad())?;
+                match name {
+                    "m" => m_kib = Some(value),
+                    "t" => t = Some(value),
+                    "p" => p = Some(value),
+                    _ => return Err(bad()),
+                }
+            }
+            let params = super::PasswordParams {
+                m_kib: m_kib.ok_or_else(bad)?,
+                t: t.ok_or_else(bad)?,
+                p: p.ok_or_else(bad)?,
+            };
+            out.push(Self {
+                version,
+                params,
+                salt: hex::decode(salt).map_err(|_| bad())?,
+                sealed: hex::decode(sealed).map_err(|_| bad())?,
+            });
+        }
+        if out.is_empty() {
+            return Err(bad());
+        }
+        Ok(out)
+    }
+}
+
+/// The root-key versions an instance holds, by version.
+#[derive(Debug, Clone, Default)]
+pub struct RootKeys(BTreeMap<u32, RootKey>);
+
+impl RootKeys {
+    pub fn new(keys: impl IntoIterator<Item = RootKey>) -> Self {
+        Self(keys.into_iter().map(|k| (k.version, k)).collect())
+    }
+
+    /// The newest version: what new and re-wrapped keys are wrapped under.
+    pub fn newest(&self) -> Option<&RootKey> {
+        self.0.values().next_back()
+    }
+
+    pub fn get(&self, version: u32) -> Option<&RootKey> {
+        self.0.get(&version)
+    }
+
+    pub fn versions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.keys().copied()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &RootKey> {
+        self.0.values()
+    }
+
+    /// Unwraps under whichever version wrapped it.
+    pub fn unwrap(
+        &self,
+        kind: &str,
+        version: u32,
+        wrapped: &WrappedKey,
+    ) -> Result<SecretKey, CryptoError> {
+        self.get(wrapped.wrapping_version)
+            .ok_or(CryptoError::UnknownKeyVersion {
+                kind: "root",
+                version: wrapped.wrapping_version,
+            })?
+            .unwrap(kind, version, wrapped)
+    }
+
+    /// Wraps under the newest version.
+    pub fn wrap(
+        &self,
+        kind: &str,
+        version: u32,
+        key: &SecretKey,
+    ) -> Result<WrappedKey, CryptoError> {
+        self.newest()
+            .ok_or(CryptoError::MalformedKey("no root key"))?
+            .wrap(kind, version, key)
     }
 }
 
@@ -251,6 +463,54 @@ mod tests {
             "bound to kind and version"
         );
         assert!(a.unwrap("kek", 1, &wrapped).is_ok());
+    }
+
+    #[test]
+    fn a_passphrase_unseals_its_root_key_and_a_wrong_one_does_not() {
+        let root = RootKey::generate_version(3).unwrap();
+        let params = crate::crypto::PasswordParams {
+            m_kib: 8,
+            t: 1,
+            p: 1,
+        };
+        let sealed = root.seal_with_passphrase(b"correct horse", params).unwrap();
+        let parsed = SealedRootKey::parse_all(&sealed.to_line()).unwrap();
+        assert_eq!(parsed, std::slice::from_ref(&sealed));
+        let opened = parsed[0].unseal(b"correct horse").unwrap();
+        assert_eq!(opened.version(), 3);
+        assert_eq!(key_check_value(&opened), key_check_value(&root));
+        assert_eq!(
+            sealed.unseal(b"correct horsf").unwrap_err(),
+            CryptoError::Authentication
+        );
+        assert!(SealedRootKey::parse_all("kluis-sealed-root-key v1 argon2id m=8 00 00").is_err());
+    }
+
+    #[test]
+    fn a_key_file_may_hold_several_versions_and_root_keys_unwrap_by_version() {
+        let (a, b) = (
+            RootKey::generate_version(1).unwrap(),
+            RootKey::generate_version(2).unwrap(),
+        );
+        let text = format!(
+            "# rotated\n{}\n{}",
+            a.to_file_contents().as_str(),
+            b.to_file_contents().as_str()
+        );
+        let roots = RootKeys::new(RootKey::parse_all(&text).unwrap());
+        assert_eq!(roots.versions().collect::<Vec<_>>(), [1, 2]);
+        let kek = SecretKey::random().unwrap();
+        let under_a = a.wrap("kek", 1, &kek).unwrap();
+        assert!(roots.unwrap("kek", 1, &under_a).is_ok());
+        assert_eq!(roots.wrap("kek", 1, &kek).unwrap().wrapping_version, 2);
+        let only_b = RootKeys::new([b]);
+        assert!(matches!(
+            only_b.unwrap("kek", 1, &under_a),
+            Err(CryptoError::UnknownKeyVersion {
+                kind: "root",
+                version: 1
+            })
+        ));
     }
 
     #[test]

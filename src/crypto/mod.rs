@@ -10,7 +10,9 @@ mod token;
 
 pub use aead::{FieldCipher, Sealed, open, seal};
 pub use handle::{new_unsubscribe_handle, unsubscribe_handle_hash};
-pub use keyring::{KeyCheck, Keyring, RootKey, WrappedKey, key_check_value};
+pub use keyring::{
+    KeyCheck, Keyring, RootKey, RootKeys, SealedRootKey, WrappedKey, key_check_value,
+};
 pub use password::{PasswordParams, hash_password, needs_rehash, verify_password};
 pub use token::{CallerToken, TokenError, hash_secret};
 

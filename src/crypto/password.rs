@@ -41,6 +41,20 @@ impl PasswordParams {
     }
 }
 
+/// Derives `out.len()` key bytes from a passphrase and salt with Argon2id under `params` (the
+/// passphrase that seals the root key).
+pub(crate) fn derive_key(
+    params: PasswordParams,
+    passphrase: &[u8],
+    salt: &[u8],
+    out: &mut [u8],
+) -> Result<(), CryptoError> {
+    params
+        .argon2()?
+        .hash_password_into(passphrase, salt, out)
+        .map_err(|_| CryptoError::MalformedKey("argon2 key derivation"))
+}
+
 /// The PHC string of `password` under `params` with a fresh random salt.
 pub fn hash_password(params: PasswordParams, password: &[u8]) -> Result<String, CryptoError> {
     let salt = random_bytes::<16>()?;

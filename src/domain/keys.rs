@@ -15,7 +15,8 @@ use tokio::sync::Notify;
 use super::{DomainError, call::Draft, now_us};
 use crate::{
     audit::AuditEvent,
-    crypto::{CryptoError, Keyring, RootKey, SecretKey, WrappedKey, key_check_value},
+    crypto::{CryptoError, Keyring, RootKey, RootKeys, SecretKey, WrappedKey, key_check_value},
+    keysource::KeySource,
     store::{
         KeyRow, KeyVersionRow, Rewrapped, RootCheckRow, Store, StoreError, WriteOp, WriteOutcome,
     },
@@ -39,14 +40,14 @@ pub struct RightsKeys {
 }
 
 /// Loads (or, on first use, creates) the rights keys. Call after [`open_keyring`] checked the root key.
-pub async fn open_rights_keys(store: &Store, root: &RootKey) -> Result<RightsKeys, KeyringError> {
+pub async fn open_rights_keys(store: &Store, roots: &RootKeys) -> Result<RightsKeys, KeyringError> {
     Ok(RightsKeys {
         token_mac: newest(
-            load_or_create(store, root, KIND_TOKEN_MAC).await?,
+            load_or_create(store, roots, KIND_TOKEN_MAC).await?,
             KIND_TOKEN_MAC,
         )?,
         receipt_seed: newest(
-            load_or_create(store, root, KIND_RECEIPT).await?,
+            load_or_create(store, roots, KIND_RECEIPT).await?,
             KIND_RECEIPT,
         )?,
     })
@@ -70,14 +71,14 @@ pub struct AuditKeys {
 }
 
 /// Loads (or, on first use, creates) the audit keys. Call after [`open_keyring`] checked the root key.
-pub async fn open_audit_keys(store: &Store, root: &RootKey) -> Result<AuditKeys, KeyringError> {
+pub async fn open_audit_keys(store: &Store, roots: &RootKeys) -> Result<AuditKeys, KeyringError> {
     Ok(AuditKeys {
         chain: newest(
-            load_or_create(store, root, KIND_AUDIT_CHAIN).await?,
+            load_or_create(store, roots, KIND_AUDIT_CHAIN).await?,
             KIND_AUDIT_CHAIN,
         )?,
         checkpoint_seed: newest(
-            load_or_create(store, root, KIND_AUDIT_CHECKPOINT).await?,
+            load_or_create(store, roots, KIND_AUDIT_CHECKPOINT).await?,
             KIND_AUDIT_CHECKPOINT,
         )?,
     })
@@ -90,6 +91,13 @@ pub enum KeyringError {
          start kluis with the key file or KLUIS_ROOT_KEY this database was created with"
     )]
     WrongRootKey,
+    #[error(
+        "root key v{version} was retired in this database; start kluis with the root key it \
+         needs now ({needed})"
+    )]
+    RetiredRootKey { version: u32, needed: String },
+    #[error("the key source: {0}")]
+    Source(String),
     #[error("no active {0} key in the database")]
     NoActiveKey(&'static str),
     #[error("store: {0}")]
@@ -98,37 +106,67 @@ pub enum KeyringError {
     Crypto(#[from] CryptoError),
 }
 
-/// Verifies `root` against the database and returns the unwrapped keyring.
-pub async fn open_keyring(store: &Store, root: &RootKey) -> Result<Keyring, KeyringError> {
-    check_root(store, root).await?;
-    load_keyring(store, root).await
+/// Verifies the root keys against the database and returns the unwrapped keyring.
+pub async fn open_keyring(store: &Store, roots: &RootKeys) -> Result<Keyring, KeyringError> {
+    check_roots(store, roots).await?;
+    load_keyring(store, roots).await
 }
 
-/// Refuses a root key whose key-check value differs from the database's; a database without any
-/// takes this key's.
-async fn check_root(store: &Store, root: &RootKey) -> Result<(), KeyringError> {
-    let check = key_check_value(root);
-    let stored = match store.key_check(root.version()).await? {
-        Some(stored) => stored,
-        // Only a database with no root key at all takes a new one; a key of another version is
-        // refused here rather than given a check value of its own (rotation will be a command).
-        None if !store.has_key_checks().await? => {
-            store
-                .init_key_check(root.version(), &check, now_us())
-                .await?
-        }
-        None => return Err(KeyringError::WrongRootKey),
-    };
-    if !bool::from(stored.as_slice().ct_eq(&check)) {
-        return Err(KeyringError::WrongRootKey);
+/// Refuses root keys unless one of them is a version the database knows, not retired, with the
+/// same key-check value; a supplied version whose check value differs is refused outright. A
+/// database without any takes the newest supplied version's. A supplied version the database does
+/// not know yet (a rotation that stopped between the key source and the database) is ignored.
+async fn check_roots(store: &Store, roots: &RootKeys) -> Result<(), KeyringError> {
+    let newest = roots.newest().ok_or(KeyringError::WrongRootKey)?;
+    if !store.has_key_checks().await? {
+        let check = key_check_value(newest);
+        let stored = store
+            .init_key_check(newest.version(), &check, now_us())
+            .await?;
+        return if bool::from(stored.as_slice().ct_eq(&check)) {
+            Ok(())
+        } else {
+            Err(KeyringError::WrongRootKey)
+        };
     }
-    Ok(())
+    let known = store.root_checks().await?;
+    let mut usable = false;
+    let mut retired = None;
+    for root in roots.iter() {
+        let Some(stored) = store.key_check(root.version()).await? else {
+            continue;
+        };
+        if !bool::from(stored.as_slice().ct_eq(&key_check_value(root))) {
+            return Err(KeyringError::WrongRootKey);
+        }
+        match known
+            .iter()
+            .find(|r| r.version == i64::from(root.version()))
+            .and_then(|r| r.retired_at)
+        {
+            Some(_) => retired = Some(root.version()),
+            None => usable = true,
+        }
+    }
+    match (usable, retired) {
+        (true, _) => Ok(()),
+        (false, Some(version)) => Err(KeyringError::RetiredRootKey {
+            version,
+            needed: known
+                .iter()
+                .filter(|r| r.retired_at.is_none())
+                .map(|r| format!("v{}", r.version))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+        (false, None) => Err(KeyringError::WrongRootKey),
+    }
 }
 
 /// The KEKs (all but retired ones) and the active blind-index key, unwrapped.
-async fn load_keyring(store: &Store, root: &RootKey) -> Result<Keyring, KeyringError> {
-    let keks = load_or_create(store, root, KIND_KEK).await?;
-    let indexes = load_or_create(store, root, KIND_BLIND_INDEX).await?;
+async fn load_keyring(store: &Store, roots: &RootKeys) -> Result<Keyring, KeyringError> {
+    let keks = load_or_create(store, roots, KIND_KEK).await?;
+    let indexes = load_or_create(store, roots, KIND_BLIND_INDEX).await?;
     let active_kek = keks
         .iter()
         .filter(|(_, (state, _))| state == "active")
@@ -150,13 +188,13 @@ async fn load_keyring(store: &Store, root: &RootKey) -> Result<Keyring, KeyringE
 
 async fn load_or_create(
     store: &Store,
-    root: &RootKey,
+    roots: &RootKeys,
     kind: &'static str,
 ) -> Result<BTreeMap<u32, (String, SecretKey)>, KeyringError> {
     let mut rows = store.keys(kind).await?;
     if rows.is_empty() {
         let key = SecretKey::random()?;
-        let wrapped = root.wrap(kind, 1, &key)?;
+        let wrapped = roots.wrap(kind, 1, &key)?;
         let row = KeyRow {
             kind: kind.to_owned(),
             version: 1,
@@ -177,7 +215,7 @@ async fn load_or_create(
                 .map_err(|_| StoreError::Corrupt("root version".into()))?,
             bytes: row.wrapped,
         };
-        let key = root.unwrap(kind, version, &wrapped)?;
+        let key = roots.unwrap(kind, version, &wrapped)?;
         out.insert(version, (row.state, key));
     }
     Ok(out)
@@ -256,11 +294,14 @@ pub struct KeyStatus {
 /// The key kinds a backup's erased subjects depend on (the others protect no personal data).
 const ERASURE_KINDS: [&str; 2] = [KIND_KEK, KIND_BLIND_INDEX];
 
-/// The keys of one instance: the root key (kept in memory to load versions added later), the
-/// current keyring, and the jobs that keep it current and re-wrap data keys.
+/// The keys of one instance: the root keys (kept in memory to load versions added later) and their
+/// source, the current keyring, and the jobs that keep it current and re-wrap data keys.
 pub struct Keys {
     store: Store,
-    root: RootKey,
+    roots: RwLock<RootKeys>,
+    /// Asked again when the database names a root-key version this instance does not hold (a
+    /// root-key rotation elsewhere); `None` in tests that hand the keys in.
+    source: Option<Arc<dyn KeySource>>,
     current: RwLock<Arc<Keyring>>,
     settings: KeySettings,
     policy_version: String,
@@ -281,17 +322,19 @@ impl std::fmt::Debug for Keys {
 }
 
 impl Keys {
-    /// Checks `root` against the database and loads the keyring.
+    /// Checks the root keys against the database and loads the keyring.
     pub async fn open(
         store: Store,
-        root: RootKey,
+        roots: RootKeys,
+        source: Option<Arc<dyn KeySource>>,
         settings: KeySettings,
         policy_version: String,
     ) -> Result<Arc<Self>, KeyringError> {
-        let keyring = open_keyring(&store, &root).await?;
+        let keyring = open_keyring(&store, &roots).await?;
         Ok(Arc::new(Self {
             store,
-            root,
+            roots: RwLock::new(roots),
+            source,
             current: RwLock::new(Arc::new(keyring)),
             settings,
             policy_version,
@@ -309,14 +352,172 @@ impl Keys {
         }
     }
 
-    /// Reloads the keyring from the database (versions added or retired meanwhile).
+    /// The root keys as last loaded.
+    pub fn roots(&self) -> RootKeys {
+        match self.roots.read() {
+            Ok(roots) => roots.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn set_roots(&self, roots: RootKeys) {
+        match self.roots.write() {
+            Ok(mut current) => *current = roots,
+            Err(poisoned) => *poisoned.into_inner() = roots,
+        }
+    }
+
+    /// Reloads the keyring from the database (versions added or retired meanwhile); when a key
+    /// is wrapped under a root-key version this instance does not hold, asks the key source again.
     pub async fn refresh(&self) -> Result<(), KeyringError> {
-        let ring = Arc::new(load_keyring(&self.store, &self.root).await?);
+        let ring = match load_keyring(&self.store, &self.roots()).await {
+            Err(KeyringError::Crypto(CryptoError::UnknownKeyVersion { kind: "root", .. }))
+                if self.source.is_some() =>
+            {
+                self.reload_roots()?;
+                load_keyring(&self.store, &self.roots()).await?
+            }
+            other => other?,
+        };
+        let ring = Arc::new(ring);
         match self.current.write() {
             Ok(mut current) => *current = ring,
             Err(poisoned) => *poisoned.into_inner() = ring,
         }
         Ok(())
+    }
+
+    /// Reads the root keys from the source again.
+    fn reload_roots(&self) -> Result<(), KeyringError> {
+        let Some(source) = &self.source else {
+            return Ok(());
+        };
+        let keys = source
+            .load()
+            .map_err(|e| KeyringError::Source(e.to_string()))?;
+        self.set_roots(RootKeys::new(keys));
+        Ok(())
+    }
+
+    /// Rotates the root key: the source keeps a new version, and every key in the database (KEKs
+    /// and service keys, not retired) is re-wrapped under it in one transaction with the call's
+    /// audit event. The old version stays usable until [`Keys::retire_root`]. Returns the new version.
+    pub async fn rotate_root(&self, draft: &mut Draft) -> Result<u32, DomainError> {
+        let source = self.source.clone().ok_or_else(|| {
+            DomainError::FailedPrecondition("no key source to keep a new root key in".into())
+        })?;
+        self.reload_roots().map_err(keyring_error)?;
+        let roots = self.roots();
+        let newest_known = self
+            .store
+            .root_checks()
+            .await?
+            .iter()
+            .map(|r| r.version)
+            .max()
+            .unwrap_or(0);
+        let held = roots.versions().max().map_or(0, i64::from);
+        let version = u32::try_from(newest_known.max(held) + 1)
+            .map_err(|_| DomainError::Internal("root-key versions exhausted".into()))?;
+        draft.event.detail = format!("kind=root version={version}");
+        let new = RootKey::generate_version(version)?;
+        // The source first: a crash after this leaves an unused version, never a database whose
+        // keys are wrapped under a root key nobody holds.
+        source
+            .add(&new)
+            .map_err(|e| DomainError::FailedPrecondition(e.to_string()))?;
+        let mut rows = Vec::new();
+        for row in self.store.key_versions().await? {
+            if row.state == "retired" {
+                continue;
+            }
+            let stored = self
+                .store
+                .keys(&row.kind)
+                .await?
+                .into_iter()
+                .find(|k| k.version == row.version)
+                .ok_or(DomainError::NotFoundNamed { what: "key" })?;
+            let key_version = version_of(row.version, "key version")?;
+            let old = WrappedKey {
+                wrapping_version: version_of(stored.root_version, "root version")?,
+                bytes: stored.wrapped,
+            };
+            let key = roots.unwrap(&row.kind, key_version, &old)?;
+            let wrapped = new.wrap(&row.kind, key_version, &key)?;
+            rows.push(crate::store::RewrappedKey {
+                kind: row.kind,
+                version: row.version,
+                old_root: i64::from(old.wrapping_version),
+                wrapped: wrapped.bytes,
+            });
+        }
+        let op = WriteOp::RotateRoot {
+            version,
+            check: key_check_value(&new).to_vec(),
+            at: now_us(),
+            rows,
+        };
+        self.store
+            .write_audited(op, draft.committed_record())
+            .await?;
+        draft.committed = true;
+        self.reload_roots().map_err(keyring_error)?;
+        self.refresh().await.map_err(keyring_error)?;
+        tracing::info!(version, "root key rotated; every key re-wrapped under it");
+        Ok(version)
+    }
+
+    /// Retires a root-key version: the database forgets it (no key is wrapped under it any
+    /// more, which is checked in the same transaction) and the source destroys it. Refused for the
+    /// newest version and for one still wrapping keys. Returns whether the source destroyed it
+    /// (a read-only source leaves that to the operator, and the text says so).
+    pub async fn retire_root(
+        &self,
+        version: u32,
+        draft: &mut Draft,
+    ) -> Result<String, DomainError> {
+        draft.event.detail = format!("kind=root version={version}");
+        let known = self.store.root_checks().await?;
+        let Some(row) = known.iter().find(|r| r.version == i64::from(version)) else {
+            return Err(DomainError::NotFoundNamed {
+                what: "root-key version",
+            });
+        };
+        if known.iter().all(|r| r.version <= row.version) {
+            return Err(DomainError::FailedPrecondition(format!(
+                "root key v{version} is the newest version: rotate the root key first"
+            )));
+        }
+        let op = WriteOp::RetireRoot {
+            version,
+            at: now_us(),
+        };
+        self.store
+            .write_audited(op, draft.committed_record())
+            .await?;
+        draft.committed = true;
+        let destroyed = match &self.source {
+            Some(source) => match source.remove(version) {
+                Ok(()) => format!(
+                    "root key v{version} retired and removed from the {}",
+                    source.describe()
+                ),
+                Err(e) => format!(
+                    "root key v{version} retired in the database; remove it from the key source yourself ({e})"
+                ),
+            },
+            None => format!("root key v{version} retired in the database"),
+        };
+        let remaining = RootKeys::new(
+            self.roots()
+                .iter()
+                .filter(|k| k.version() != version)
+                .cloned(),
+        );
+        self.set_roots(remaining);
+        tracing::info!(version, "root key retired");
+        Ok(destroyed)
     }
 
     /// Makes sure KEK `version` is loaded, reloading the keyring once if it is not (concurrent
@@ -351,7 +552,7 @@ impl Keys {
         let version = u32::try_from(newest + 1)
             .map_err(|_| DomainError::Internal("KEK versions exhausted".into()))?;
         let key = SecretKey::random()?;
-        let wrapped = self.root.wrap(KIND_KEK, version, &key)?;
+        let wrapped = self.roots().wrap(KIND_KEK, version, &key)?;
         drop(key);
         draft.event.detail = format!("kind={KIND_KEK} version={version}");
         let row = KeyRow {

@@ -42,6 +42,16 @@ pub struct Rewrapped {
     pub wrapped: Vec<u8>,
 }
 
+/// A key in `keys` wrapped anew under a new root-key version: applied only if still wrapped
+/// under `old_root`.
+#[derive(Debug, Clone)]
+pub struct RewrappedKey {
+    pub kind: String,
+    pub version: i64,
+    pub old_root: i64,
+    pub wrapped: Vec<u8>,
+}
+
 /// `(id, dek_id, kek_version, wrapped_dek)` as selected.
 type DekTuple = (Vec<u8>, Vec<u8>, i64, Vec<u8>);
 

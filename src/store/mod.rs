@@ -25,7 +25,7 @@ use sqlx::{
 use uuid::Uuid;
 
 pub use audit::{AUDIT_INDEX_BATCH, AuditFilter, AuditRecord, ChainLinker, StoredAuditEvent};
-pub use keys::{DekRow, KeyVersionRow, Rewrapped, RootCheckRow};
+pub use keys::{DekRow, KeyVersionRow, Rewrapped, RewrappedKey, RootCheckRow};
 pub use retention::{HoldRow, MarkedSubject, RecordRow};
 pub use rights::{ConsentEventRow, DisclosureRow, ReceiptRow, RestrictionRow};
 pub use writer::{ConsentChange, RecordChange, Redacted, WriteOp, WriteOutcome};

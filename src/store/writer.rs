@@ -161,6 +161,20 @@ pub enum WriteOp {
     },
     /// Data keys wrapped anew, each applied only if still under its old KEK version.
     Rewrap(Vec<super::Rewrapped>),
+    /// A new root-key version (its key-check value) and every key re-wrapped under it, each
+    /// compare-and-set on the root version it was read under; `Refused` if anything moved.
+    RotateRoot {
+        version: u32,
+        check: Vec<u8>,
+        at: i64,
+        rows: Vec<super::RewrappedKey>,
+    },
+    /// Marks a root-key version retired, only while no key is wrapped under it; `Refused` naming
+    /// the reason otherwise, `NotFound` for an unknown version; a retired one stays as it was.
+    RetireRoot {
+        version: u32,
+        at: i64,
+    },
 }
 
 /// Text `Debug` does not print (a password hash in a [`WriteOp`]).
@@ -1309,6 +1323,77 @@ macro_rules! apply_one {
                             Err(StoreError::Refused(format!(
                                 "{in_use} data keys are still wrapped under {kind} v{version}: \
                                  retire it once the re-wrap job has moved them (see KeyStatus)"
+                            )))
+                        }
+                    }
+                }
+                WriteOp::RotateRoot { version, check, at, rows } => {
+                    let added = sqlx::query(
+                        "INSERT INTO root_key_checks (version, check_value, created_at) VALUES ($1, $2, $3) \
+                         ON CONFLICT (version) DO NOTHING",
+                    )
+                    .bind(i64::from(*version))
+                    .bind(check.clone())
+                    .bind(*at)
+                    .execute(&mut *$conn)
+                    .await?
+                    .rows_affected();
+                    if added == 0 {
+                        return Err(StoreError::Refused(format!(
+                            "root key v{version} was registered meanwhile (a concurrent rotation); try again"
+                        )));
+                    }
+                    for row in rows {
+                        let moved = sqlx::query(
+                            "UPDATE keys SET root_version = $1, wrapped = $2 \
+                             WHERE kind = $3 AND version = $4 AND root_version = $5 AND state <> 'retired'",
+                        )
+                        .bind(i64::from(*version))
+                        .bind(row.wrapped.clone())
+                        .bind(row.kind.clone())
+                        .bind(row.version)
+                        .bind(row.old_root)
+                        .execute(&mut *$conn)
+                        .await?
+                        .rows_affected();
+                        if moved == 0 {
+                            return Err(StoreError::Refused(format!(
+                                "{} v{} changed during the root-key rotation; try again",
+                                row.kind, row.version
+                            )));
+                        }
+                    }
+                    Ok(WriteOutcome::KeyAdded)
+                }
+                WriteOp::RetireRoot { version, at } => {
+                    let retired = sqlx::query(
+                        "UPDATE root_key_checks SET retired_at = $2 WHERE version = $1 AND retired_at IS NULL \
+                         AND NOT EXISTS (SELECT 1 FROM keys WHERE root_version = $1 AND state <> 'retired')",
+                    )
+                    .bind(i64::from(*version))
+                    .bind(*at)
+                    .execute(&mut *$conn)
+                    .await?
+                    .rows_affected();
+                    if retired > 0 {
+                        return Ok(WriteOutcome::KeyRetired { now: true });
+                    }
+                    let state: Option<Option<i64>> = sqlx::query_scalar("SELECT retired_at FROM root_key_checks WHERE version = $1")
+                        .bind(i64::from(*version))
+                        .fetch_optional(&mut *$conn)
+                        .await?;
+                    match state {
+                        None => Err(StoreError::NotFound),
+                        Some(Some(_)) => Ok(WriteOutcome::KeyRetired { now: false }),
+                        Some(None) => {
+                            let in_use: i64 = sqlx::query_scalar(
+                                "SELECT COUNT(*) FROM keys WHERE root_version = $1 AND state <> 'retired'",
+                            )
+                            .bind(i64::from(*version))
+                            .fetch_one(&mut *$conn)
+                            .await?;
+                            Err(StoreError::Refused(format!(
+                                "{in_use} keys are still wrapped under root key v{version}: rotate the root key first"
                             )))
                         }
                     }

@@ -445,3 +445,137 @@ async fn key_status_names_the_versions_a_backup_depends_on() {
     assert!(keys.contains(&("kek".to_owned(), 2, false)));
     assert!(!keys.iter().any(|k| k.0 == "kek" && k.1 == 1), "{keys:?}");
 }
+
+/// `kluis keys …` against the test database (the server may be running or not).
+fn kluis_keys(db: &TestDb, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kluis"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("KLUIS_DATA_DIR", db.data_dir())
+        .env("KLUIS_LOG", "warn")
+        .arg("keys")
+        .args(args);
+    if postgres_mode() {
+        cmd.env("KLUIS_DATABASE_URL", &db.url);
+    }
+    cmd.output().unwrap()
+}
+
+fn build_error(result: Result<kluis::Application, kluis::StartupError>) -> String {
+    match result {
+        Ok(_) => panic!("start-up should have been refused"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_root_key_rotation_only_the_new_version_starts_kluis() {
+    let db = TestDb::new().await;
+    let app = spawn_with(db.clone(), keys_config(0)).await;
+    let subjects = create_many(&app, 5).await;
+    let db = app.stop().await;
+    let key_file = db.data_dir().join("root.key");
+    let old_file = std::fs::read_to_string(&key_file).unwrap();
+
+    let out = kluis_keys(&db, &["rotate-root"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let both = std::fs::read_to_string(&key_file).unwrap();
+    assert!(both.contains("kluis-root-key v1 ") && both.contains("kluis-root-key v2 "));
+    // Retiring the newest version is refused.
+    let out = kluis_keys(&db, &["retire-root", "--root-version", "2"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("newest"));
+    let out = kluis_keys(&db, &["retire-root", "--root-version", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_file = std::fs::read_to_string(&key_file).unwrap();
+    assert!(
+        !new_file.contains("kluis-root-key v1 "),
+        "v1 destroyed in the key file"
+    );
+
+    // With only the new version: it starts, and every subject reads.
+    let app = spawn_with(db.clone(), keys_config(0)).await;
+    all_readable(&app, &subjects).await;
+    let roots: Vec<(u32, bool)> = status(&app)
+        .await
+        .root_versions
+        .iter()
+        .map(|r| (r.version, r.retire_time.is_some()))
+        .collect();
+    assert_eq!(roots, [(1, true), (2, false)]);
+    let db = app.stop().await;
+    // With only the old one (a stale copy of the key file): refused, saying which it needs.
+    std::fs::write(&key_file, &old_file).unwrap();
+    let err = build_error(kluis::Application::build(&crate::helpers::serve_args(&db)).await);
+    assert!(err.contains("root key v1 was retired"), "{err}");
+    assert!(err.contains("v2"), "{err}");
+    std::fs::write(&key_file, &new_file).unwrap();
+    // The rotations are audited, as commands.
+    let app = spawn_with(db, keys_config(0)).await;
+    for method in ["cli.keys.rotate-root", "cli.keys.retire-root"] {
+        let events = app
+            .audit_events(pb::QueryAuditLogRequest {
+                method: method.into(),
+                ..Default::default()
+            })
+            .await;
+        assert!(!events.is_empty(), "{method}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passphrase_unseals_the_root_key_and_a_wrong_one_stops_start_up() {
+    let db = TestDb::new().await;
+    let dir = db.data_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let right = dir.join("passphrase");
+    let wrong = dir.join("wrong-passphrase");
+    std::fs::write(&right, "correct horse battery staple\n").unwrap();
+    std::fs::write(&wrong, "correct horse battery stable\n").unwrap();
+    let with = |file: std::path::PathBuf| {
+        move |args: &mut kluis::ServeArgs| {
+            args.root_passphrase_file = Some(file);
+        }
+    };
+    let app = spawn_with(db.clone(), with(right.clone())).await;
+    let subjects = create_many(&app, 3).await;
+    let db = app.stop().await;
+    assert!(dir.join("root.key.sealed").exists());
+    assert!(
+        !dir.join("root.key").exists(),
+        "no plain key file with a passphrase"
+    );
+    let sealed = std::fs::read_to_string(dir.join("root.key.sealed")).unwrap();
+    assert!(sealed.starts_with("kluis-sealed-root-key v1 argon2id m=65536,t=3,p=1 "));
+
+    let mut args = crate::helpers::serve_args(&db);
+    args.root_passphrase_file = Some(wrong);
+    let err = build_error(kluis::Application::build(&args).await);
+    assert!(err.contains("wrong passphrase"), "{err}");
+    // No half-working service: nothing was bound or written.
+    assert!(!dir.join("root.key").exists());
+
+    let app = spawn_with(db, with(right)).await;
+    all_readable(&app, &subjects).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_readable_by_others_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let app = spawn_with(TestDb::new().await, keys_config(0)).await;
+    let db = app.stop().await;
+    let key_file = db.data_dir().join("root.key");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = build_error(kluis::Application::build(&crate::helpers::serve_args(&db)).await);
+    assert!(err.contains("readable by group or others"), "{err}");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    spawn_with(db, keys_config(0)).await;
+}

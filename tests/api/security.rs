@@ -528,6 +528,12 @@ async fn a_wrong_root_key_stops_start_up() {
 
     // The right key opens it again, data intact.
     std::fs::write(&key_file, original).unwrap();
+    // (A key file others can read is refused: keep it private.)
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let again = spawn_on(db).await;
     assert!(again.get(&created.id).await.is_ok());
 }
