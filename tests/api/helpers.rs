@@ -201,6 +201,12 @@ impl Raw {
         on_raw!(self, p => sqlx::query_scalar(sql).bind(id.to_vec()).fetch_one(p).await.unwrap())
     }
 
+    /// Every row of `keys`: (kind, version, root version, wrapped bytes).
+    pub async fn key_rows(&self) -> Vec<(String, i64, i64, Vec<u8>)> {
+        on_raw!(self, p => sqlx::query_as("SELECT kind, version, root_version, wrapped FROM keys ORDER BY kind, version")
+            .fetch_all(p).await.unwrap())
+    }
+
     pub async fn count_all(&self, sql: &'static str) -> i64 {
         on_raw!(self, p => sqlx::query_scalar(sql).fetch_one(p).await.unwrap())
     }

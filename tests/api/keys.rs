@@ -579,3 +579,146 @@ async fn a_key_file_readable_by_others_is_refused_at_start() {
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     spawn_with(db, keys_config(0)).await;
 }
+
+/// Tries to open a backed-up data key with `roots` and backed-up key rows: every KEK the roots
+/// unwrap is tried on it. `None` when nothing opens it.
+fn open_backup_dek(
+    roots: &kluis::crypto::RootKeys,
+    key_rows: &[(String, i64, i64, Vec<u8>)],
+    subject: uuid::Uuid,
+    dek_id: uuid::Uuid,
+    wrapped_dek: &[u8],
+) -> Option<kluis::crypto::SecretKey> {
+    use kluis::crypto::{Keyring, SecretKey, WrappedKey};
+    for (kind, version, root_version, wrapped) in key_rows {
+        if kind != "kek" || wrapped.is_empty() {
+            continue;
+        }
+        let version = *version as u32;
+        let Ok(kek) = roots.unwrap(
+            "kek",
+            version,
+            &WrappedKey {
+                wrapping_version: *root_version as u32,
+                bytes: wrapped.clone(),
+            },
+        ) else {
+            continue;
+        };
+        let ring = Keyring::new(
+            [(version, kek)].into_iter().collect(),
+            version,
+            1,
+            SecretKey::random().unwrap(),
+        )
+        .unwrap();
+        let dek = WrappedKey {
+            wrapping_version: version,
+            bytes: wrapped_dek.to_vec(),
+        };
+        if let Ok(key) = ring.unwrap_dek(subject, dek_id, &dek) {
+            return Some(key);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_crypto_period_procedure_a_backup_of_an_erased_subject_is_undecryptable() {
+    use kluis::crypto::{RootKey, RootKeys};
+    let db = TestDb::new().await;
+    let app = spawn_with(db.clone(), keys_config(0)).await;
+    let subject = app.create(full_subject(&tag())).await;
+    let id = uuid::Uuid::parse_str(&subject.id).unwrap();
+    // The backup: the database's keys and the subject's wrapped data key, as a dump would hold them.
+    let raw = app.db.raw().await;
+    let backup_keys = raw.key_rows().await;
+    let dek_id = raw
+        .bytes("SELECT dek_id FROM subjects WHERE id = $1", id.as_bytes())
+        .await;
+    let dek_id = uuid::Uuid::from_slice(&dek_id).unwrap();
+    let wrapped_dek = raw
+        .bytes(
+            "SELECT wrapped_dek FROM subjects WHERE id = $1",
+            id.as_bytes(),
+        )
+        .await;
+    raw.close().await;
+    let key_file = db.data_dir().join("root.key");
+    let roots_then =
+        RootKeys::new(RootKey::parse_all(&std::fs::read_to_string(&key_file).unwrap()).unwrap());
+    assert!(
+        open_backup_dek(&roots_then, &backup_keys, id, dek_id, &wrapped_dek).is_some(),
+        "with the keys of its day the backup opens (so the check below can fail)"
+    );
+
+    // The subject is erased; then the procedure: rotate the KEK and re-wrap, rotate the root key,
+    // retire the old KEK and the old root key.
+    app.subjects()
+        .erase_subject(pb::EraseSubjectRequest {
+            id: subject.id.clone(),
+        })
+        .await
+        .unwrap();
+    rotate(&app).await;
+    app.keys.rewrap_all(0).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(retire(&app, 1).await.unwrap());
+    let db = app.stop().await;
+    for args in [
+        &["rotate-root"][..],
+        &["retire-root", "--root-version", "1"],
+    ] {
+        let out = kluis_keys(&db, args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // What still exists: the live key file and the live database's keys.
+    let roots_now =
+        RootKeys::new(RootKey::parse_all(&std::fs::read_to_string(&key_file).unwrap()).unwrap());
+    assert_eq!(roots_now.versions().collect::<Vec<_>>(), [2]);
+    let raw = db.raw().await;
+    let live_keys = raw.key_rows().await;
+    raw.close().await;
+    assert!(
+        open_backup_dek(&roots_now, &backup_keys, id, dek_id, &wrapped_dek).is_none(),
+        "the backup's own KEK copies need root key v1, which is gone"
+    );
+    assert!(
+        open_backup_dek(&roots_now, &live_keys, id, dek_id, &wrapped_dek).is_none(),
+        "no live KEK opens it: KEK v1 is destroyed"
+    );
+    assert!(
+        live_keys
+            .iter()
+            .any(|(kind, v, _, wrapped)| kind == "kek" && *v == 1 && wrapped.is_empty())
+    );
+    // KeyStatus tells the same: what that backup needs is retired, except the blind-index key.
+    let app = spawn_with(db, keys_config(0)).await;
+    let deps = app
+        .admin()
+        .key_status(pb::KeyStatusRequest {
+            backup_time: subject.create_time,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backup
+        .unwrap();
+    let retired: Vec<(String, u32, bool)> = deps
+        .keys
+        .iter()
+        .map(|k| (k.kind.clone(), k.version, k.retire_time.is_some()))
+        .collect();
+    assert!(
+        retired.contains(&("kek".to_owned(), 1, true)),
+        "{retired:?}"
+    );
+    assert!(deps.root_versions.iter().all(|r| r.retire_time.is_some()));
+    // The blind-index key is not rotated yet, so the backup is not unrecoverable in every respect.
+    assert!(!deps.unrecoverable);
+}
