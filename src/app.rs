@@ -136,6 +136,7 @@ impl Application {
             policy.clone(),
             clock.clone(),
         ));
+        vault.spawn_reindexer();
         let retention = Arc::new(Retention::new(
             store.clone(),
             policy.clone(),

@@ -111,6 +111,19 @@ enum KeysCommand {
         #[arg(long = "kek-version")]
         kek_version: u32,
     },
+    /// Make a new blind-index key version active; a running kluis re-indexes every subject under
+    /// it in the background (lookups consult both versions meanwhile).
+    RotateIndex {
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// Retire a blind-index key version no subject's entries use any more, destroying it.
+    RetireIndex {
+        #[command(flatten)]
+        args: ServeArgs,
+        #[arg(long = "index-version")]
+        index_version: u32,
+    },
     /// Rotate the root key: the key source keeps a new version and every key in the database is
     /// re-wrapped under it. Running instances pick it up from the same source when they meet it.
     RotateRoot {
@@ -270,6 +283,11 @@ async fn keys(command: KeysCommand) -> Result<ExitCode, String> {
         KeysCommand::Rewrap { args, rate } => (args, KeysRun::Rewrap(rate)),
         KeysCommand::RetireKek { args, kek_version } => (args, KeysRun::Retire(kek_version)),
         KeysCommand::RotateRoot { args } => (args, KeysRun::RotateRoot),
+        KeysCommand::RotateIndex { args } => (args, KeysRun::RotateIndex),
+        KeysCommand::RetireIndex {
+            args,
+            index_version,
+        } => (args, KeysRun::RetireIndex(index_version)),
         KeysCommand::RetireRoot { args, root_version } => (args, KeysRun::RetireRoot(root_version)),
         KeysCommand::Status { args, backup_time } => {
             let at = backup_time
@@ -303,6 +321,25 @@ async fn keys(command: KeysCommand) -> Result<ExitCode, String> {
                     format!("KEK v{version} retired; its wrapped key is destroyed")
                 } else {
                     format!("KEK v{version} had been retired before")
+                }
+            })
+        }
+        KeysRun::RotateIndex => {
+            let mut draft = cli_draft("rotate-index", &policy_version);
+            keys.rotate_index_key(&mut draft).await.map(|v| {
+                format!(
+                    "blind-index key v{v} is active; a running kluis re-indexes every subject under it \
+                     (lookups consult the older versions meanwhile)"
+                )
+            })
+        }
+        KeysRun::RetireIndex(version) => {
+            let mut draft = cli_draft("retire-index", &policy_version);
+            keys.retire_index_key(version, &mut draft).await.map(|now| {
+                if now {
+                    format!("blind-index key v{version} retired; its wrapped key is destroyed")
+                } else {
+                    format!("blind-index key v{version} had been retired before")
                 }
             })
         }
@@ -349,12 +386,15 @@ async fn keys(command: KeysCommand) -> Result<ExitCode, String> {
                     k.root_version,
                     format_time(k.created_at_us),
                     k.retired_at_us.map(|t| format!("  retired {}", format_time(t))).unwrap_or_default(),
-                    k.data_keys.map(|n| format!("  data keys {n}")).unwrap_or_default()
+                    k.data_keys
+                        .map(|n| format!("  data keys {n}"))
+                        .or(k.indexed_subjects.map(|n| format!("  subjects {n}")))
+                        .unwrap_or_default()
                 ));
             }
             out.push_str(&format!(
-                "active KEK v{}; data keys still to re-wrap: {}",
-                s.active_kek, s.rewrap_pending
+                "active KEK v{}; data keys still to re-wrap: {}\nactive blind-index key v{}; subjects still to re-index: {}",
+                s.active_kek, s.rewrap_pending, s.active_index, s.reindex_pending
             ));
             if let Some(b) = &s.backup {
                 out.push_str(&format!("\nA backup taken at {} depends on:", format_time(b.at_us)));
@@ -380,6 +420,8 @@ async fn keys(command: KeysCommand) -> Result<ExitCode, String> {
 
 enum KeysRun {
     Rotate,
+    RotateIndex,
+    RetireIndex(u32),
     RotateRoot,
     RetireRoot(u32),
     Retire(u32),

@@ -6,3 +6,9 @@ ALTER TABLE root_key_checks ADD COLUMN retired_at BIGINT;
 -- The re-wrap job finds the data keys still under an older KEK, and KeyStatus counts them per
 -- version, without scanning every subject.
 CREATE INDEX subjects_kek_version ON subjects (kek_version);
+-- The oldest blind-index key version among a subject's index entries (NULL: none); the re-index
+-- job after a blind-index key rotation moves the subjects below the active version. Every entry
+-- so far is under version 1.
+ALTER TABLE subjects ADD COLUMN index_version BIGINT;
+UPDATE subjects SET index_version = 1 WHERE length(index_keys) > 0;
+CREATE INDEX subjects_index_version ON subjects (index_version) WHERE index_version IS NOT NULL;

@@ -40,6 +40,7 @@ fn key_message(k: &KeyVersionInfo) -> pb::KeyVersion {
         create_time: Some(to_timestamp(k.created_at_us)),
         retire_time: k.retired_at_us.map(to_timestamp),
         data_keys: k.data_keys,
+        indexed_subjects: k.indexed_subjects,
     }
 }
 
@@ -155,6 +156,43 @@ impl pb::admin_service_server::AdminService for AdminApi {
         Ok(Response::new(pb::RetireKekResponse { retired_now }))
     }
 
+    async fn rotate_index_key(
+        &self,
+        request: Request<pb::RotateIndexKeyRequest>,
+    ) -> Result<Response<pb::RotateIndexKeyResponse>, Status> {
+        let ctx = context(&request)?;
+        let mut draft = self.calls.open(&ctx);
+        let result = async {
+            ctx.caller.require_operator("RotateIndexKey")?;
+            self.keys.rotate_index_key(&mut draft).await
+        }
+        .await;
+        let version = self.calls.finish(&ctx, draft, result).await?;
+        Ok(Response::new(pb::RotateIndexKeyResponse { version }))
+    }
+
+    async fn retire_index_key(
+        &self,
+        request: Request<pb::RetireIndexKeyRequest>,
+    ) -> Result<Response<pb::RetireIndexKeyResponse>, Status> {
+        let ctx = context(&request)?;
+        let mut draft = self.calls.open(&ctx);
+        let version = request.get_ref().version;
+        let result = async {
+            ctx.caller.require_operator("RetireIndexKey")?;
+            if version == 0 {
+                return Err(DomainError::invalid(
+                    "version",
+                    "index key versions start at 1",
+                ));
+            }
+            self.keys.retire_index_key(version, &mut draft).await
+        }
+        .await;
+        let retired_now = self.calls.finish(&ctx, draft, result).await?;
+        Ok(Response::new(pb::RetireIndexKeyResponse { retired_now }))
+    }
+
     async fn key_status(
         &self,
         request: Request<pb::KeyStatusRequest>,
@@ -174,6 +212,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
             keys: status.keys.iter().map(key_message).collect(),
             active_kek_version: status.active_kek,
             rewrap_pending: status.rewrap_pending,
+            active_index_key_version: status.active_index,
+            reindex_pending: status.reindex_pending,
             backup: status.backup.map(|b| pb::BackupDependencies {
                 backup_time: Some(to_timestamp(b.at_us)),
                 root_versions: b.roots.iter().map(root_message).collect(),

@@ -348,6 +348,8 @@ pub struct Keyring {
     active_kek: u32,
     index_key_version: u32,
     index_key: SecretKey,
+    /// Older blind-index versions still consulted by lookups while the re-index job runs.
+    old_index_keys: BTreeMap<u32, SecretKey>,
 }
 
 impl Keyring {
@@ -369,6 +371,7 @@ impl Keyring {
             active_kek,
             index_key_version,
             index_key,
+            old_index_keys: BTreeMap::new(),
         })
     }
 
@@ -427,6 +430,34 @@ impl Keyring {
                 kind: "kek",
                 version,
             })
+    }
+
+    /// Adds older blind-index versions that lookups consult besides the active one (during a
+    /// blind-index key rotation); the active version among them is ignored.
+    pub fn with_old_index_keys(mut self, keys: BTreeMap<u32, SecretKey>) -> Self {
+        self.old_index_keys = keys
+            .into_iter()
+            .filter(|(v, _)| *v != self.index_key_version)
+            .collect();
+        self
+    }
+
+    /// The blind-index version new entries are made under.
+    pub fn index_version(&self) -> u32 {
+        self.index_key_version
+    }
+
+    /// The blind indexes of a value under every version a lookup consults: the active one first,
+    /// then the older ones still loaded (newest first).
+    pub fn blind_indexes(&self, path: &str, normalized: &str) -> Vec<(u32, [u8; 32])> {
+        let mut out = vec![self.blind_index(path, normalized)];
+        out.extend(self.old_index_keys.iter().rev().map(|(v, key)| {
+            (
+                *v,
+                hmac_sha256(key, &[path.as_bytes(), normalized.as_bytes()]),
+            )
+        }));
+        out
     }
 
     /// The blind index of a normalised value at `path`: HMAC-SHA256 under the blind-index key, with

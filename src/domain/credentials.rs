@@ -155,7 +155,7 @@ impl Credentials {
         let user_key = format!("user:{}", hex::encode(&digest[..12]));
         let keys = throttle_keys(user_key.clone(), client);
         self.check_throttle(&keys)?;
-        let found = self.vault.store.find(path.as_str(), &digest, 1).await?;
+        let found = self.vault.find_indexed(path, username, 1).await?;
         let subject = found.first().map(|f| f.id);
         let stored = match subject {
             Some(id) => {

@@ -173,17 +173,24 @@ async fn load_keyring(store: &Store, roots: &RootKeys) -> Result<Keyring, Keyrin
         .map(|(v, _)| *v)
         .max()
         .ok_or(KeyringError::NoActiveKey(KIND_KEK))?;
-    let (index_version, (_, index_key)) = indexes
-        .into_iter()
+    let index_version = indexes
+        .iter()
         .filter(|(_, (state, _))| state == "active")
-        .max_by_key(|(v, _)| *v)
+        .map(|(v, _)| *v)
+        .max()
+        .ok_or(KeyringError::NoActiveKey(KIND_BLIND_INDEX))?;
+    // load_or_create leaves retired versions out: the rest are consulted by lookups.
+    let mut index_keys: BTreeMap<u32, SecretKey> =
+        indexes.into_iter().map(|(v, (_, k))| (v, k)).collect();
+    let index_key = index_keys
+        .remove(&index_version)
         .ok_or(KeyringError::NoActiveKey(KIND_BLIND_INDEX))?;
     let keks = keks
         .into_iter()
         .filter(|(_, (state, _))| state != "retired")
         .map(|(v, (_, k))| (v, k))
         .collect();
-    Ok(Keyring::new(keks, active_kek, index_version, index_key)?)
+    Ok(Keyring::new(keks, active_kek, index_version, index_key)?.with_old_index_keys(index_keys))
 }
 
 async fn load_or_create(
@@ -256,6 +263,8 @@ pub struct KeyVersionInfo {
     pub retired_at_us: Option<i64>,
     /// KEKs: the data keys wrapped under this version.
     pub data_keys: Option<u64>,
+    /// Blind-index keys: the subjects whose oldest entry is under this version.
+    pub indexed_subjects: Option<u64>,
 }
 
 /// A root-key version the database knows by its key-check value.
@@ -288,6 +297,9 @@ pub struct KeyStatus {
     pub active_kek: u32,
     /// Data keys still wrapped under an older KEK than the active one.
     pub rewrap_pending: u64,
+    pub active_index: u32,
+    /// Subjects with blind-index entries under an older index key than the active one.
+    pub reindex_pending: u64,
     pub backup: Option<BackupDependencies>,
 }
 
@@ -309,6 +321,8 @@ pub struct Keys {
     rewrap_wake: Notify,
     /// Wakes the refresher (a data key under a KEK this instance has not loaded).
     refresh_wake: Notify,
+    /// Wakes the re-index job (after a blind-index key rotation).
+    reindex_wake: Notify,
     /// One reload at a time when reads meet a KEK version not loaded yet.
     loading: tokio::sync::Mutex<()>,
 }
@@ -340,6 +354,7 @@ impl Keys {
             policy_version,
             rewrap_wake: Notify::new(),
             refresh_wake: Notify::new(),
+            reindex_wake: Notify::new(),
             loading: tokio::sync::Mutex::new(()),
         }))
     }
@@ -541,22 +556,48 @@ impl Keys {
     /// Makes a new KEK version active at once (the previous one decrypt-only) and wakes the
     /// re-wrap job; returns the new version. The call's event commits with the change.
     pub async fn rotate_kek(&self, draft: &mut Draft) -> Result<u32, DomainError> {
+        let version = self.rotate(KIND_KEK, draft).await?;
+        self.rewrap_wake.notify_one();
+        tracing::info!(kind = KIND_KEK, version, "KEK rotated; re-wrap job woken");
+        Ok(version)
+    }
+
+    /// Makes a new blind-index key version active at once; lookups consult it and the older
+    /// versions until the re-index job has moved every subject and the old version is retired.
+    pub async fn rotate_index_key(&self, draft: &mut Draft) -> Result<u32, DomainError> {
+        let version = self.rotate(KIND_BLIND_INDEX, draft).await?;
+        self.reindex_wake.notify_one();
+        tracing::info!(
+            kind = KIND_BLIND_INDEX,
+            version,
+            "blind-index key rotated; re-index job woken"
+        );
+        Ok(version)
+    }
+
+    /// Waits until a blind-index key rotation asks the re-index job to run.
+    pub async fn reindex_requested(&self) {
+        self.reindex_wake.notified().await;
+    }
+
+    /// A new active version of `kind`, the active one demoted, with the call's event.
+    async fn rotate(&self, kind: &'static str, draft: &mut Draft) -> Result<u32, DomainError> {
         let newest = self
             .store
-            .keys(KIND_KEK)
+            .keys(kind)
             .await?
             .iter()
             .map(|r| r.version)
             .max()
             .unwrap_or(0);
         let version = u32::try_from(newest + 1)
-            .map_err(|_| DomainError::Internal("KEK versions exhausted".into()))?;
+            .map_err(|_| DomainError::Internal(format!("{kind} versions exhausted")))?;
         let key = SecretKey::random()?;
-        let wrapped = self.roots().wrap(KIND_KEK, version, &key)?;
+        let wrapped = self.roots().wrap(kind, version, &key)?;
         drop(key);
-        draft.event.detail = format!("kind={KIND_KEK} version={version}");
+        draft.event.detail = format!("kind={kind} version={version}");
         let row = KeyRow {
-            kind: KIND_KEK.to_owned(),
+            kind: kind.to_owned(),
             version: i64::from(version),
             state: "active".into(),
             root_version: i64::from(wrapped.wrapping_version),
@@ -572,8 +613,6 @@ impl Keys {
             .await?;
         draft.committed = true;
         self.refresh().await.map_err(keyring_error)?;
-        self.rewrap_wake.notify_one();
-        tracing::info!(kind = KIND_KEK, version, "KEK rotated; re-wrap job woken");
         Ok(version)
     }
 
@@ -581,24 +620,43 @@ impl Keys {
     /// active, while data keys are still wrapped under it, or within one refresh interval of its
     /// demotion (an instance that has not reloaded yet may still wrap new data keys under it).
     pub async fn retire_kek(&self, version: u32, draft: &mut Draft) -> Result<bool, DomainError> {
-        draft.event.detail = format!("kind={KIND_KEK} version={version}");
+        self.retire(KIND_KEK, "KEK version", version, draft).await
+    }
+
+    /// Retires a blind-index key version no subject's entries use any more (the re-index job has
+    /// moved them all), destroying it; refused otherwise, as for KEKs.
+    pub async fn retire_index_key(
+        &self,
+        version: u32,
+        draft: &mut Draft,
+    ) -> Result<bool, DomainError> {
+        self.retire(KIND_BLIND_INDEX, "blind-index key version", version, draft)
+            .await
+    }
+
+    async fn retire(
+        &self,
+        kind: &'static str,
+        what: &'static str,
+        version: u32,
+        draft: &mut Draft,
+    ) -> Result<bool, DomainError> {
+        draft.event.detail = format!("kind={kind} version={version}");
         let versions = self.store.key_versions().await?;
-        let kek = |v: u32| {
+        let key = |v: u32| {
             versions
                 .iter()
-                .find(|r| r.kind == KIND_KEK && r.version == i64::from(v))
+                .find(|r| r.kind == kind && r.version == i64::from(v))
         };
-        if kek(version).is_none() {
-            return Err(DomainError::NotFoundNamed {
-                what: "KEK version",
-            });
+        if key(version).is_none() {
+            return Err(DomainError::NotFoundNamed { what });
         }
-        if let Some(next) = kek(version + 1) {
+        if let Some(next) = key(version + 1) {
             let settled = next.created_at + micros(self.settings.refresh);
             let now = now_us();
             if now < settled {
                 return Err(DomainError::FailedPrecondition(format!(
-                    "kek v{version} was demoted less than the keyring refresh interval ago; \
+                    "{kind} v{version} was demoted less than the keyring refresh interval ago; \
                      retry in {} ms, once every instance has loaded v{}",
                     (settled - now) / 1000 + 1,
                     version + 1
@@ -606,26 +664,22 @@ impl Keys {
             }
         }
         let op = WriteOp::RetireKey {
-            kind: KIND_KEK.to_owned(),
+            kind: kind.to_owned(),
             version,
             at: now_us(),
         };
         let now = match self.store.write_audited(op, draft.committed_record()).await {
             Ok(WriteOutcome::KeyRetired { now }) => now,
             Ok(other) => return Err(DomainError::Internal(format!("retire answered {other:?}"))),
-            Err(StoreError::NotFound) => {
-                return Err(DomainError::NotFoundNamed {
-                    what: "KEK version",
-                });
-            }
+            Err(StoreError::NotFound) => return Err(DomainError::NotFoundNamed { what }),
             Err(e) => return Err(e.into()),
         };
         draft.committed = true;
         self.refresh().await.map_err(keyring_error)?;
         tracing::info!(
-            kind = KIND_KEK,
+            kind,
             version,
-            "KEK retired; its wrapped key destroyed"
+            "key version retired; its wrapped key destroyed"
         );
         Ok(now)
     }
@@ -634,6 +688,7 @@ impl Keys {
     /// taken then depends on.
     pub async fn status(&self, backup_at_us: Option<i64>) -> Result<KeyStatus, DomainError> {
         let counts: BTreeMap<u32, u64> = self.store.dek_counts().await?.into_iter().collect();
+        let indexed: BTreeMap<u32, u64> = self.store.index_counts().await?.into_iter().collect();
         let roots = self
             .store
             .root_checks()
@@ -651,6 +706,9 @@ impl Keys {
                 if info.kind == KIND_KEK {
                     info.data_keys = Some(counts.get(&info.version).copied().unwrap_or(0));
                 }
+                if info.kind == KIND_BLIND_INDEX {
+                    info.indexed_subjects = Some(indexed.get(&info.version).copied().unwrap_or(0));
+                }
                 Ok(info)
             })
             .collect::<Result<Vec<_>, DomainError>>()?;
@@ -665,12 +723,25 @@ impl Keys {
             .filter(|(v, _)| **v < active_kek)
             .map(|(_, n)| n)
             .sum();
+        let active_index = keys
+            .iter()
+            .filter(|k| k.kind == KIND_BLIND_INDEX && k.state == "active")
+            .map(|k| k.version)
+            .max()
+            .unwrap_or(0);
+        let reindex_pending = indexed
+            .iter()
+            .filter(|(v, _)| **v < active_index)
+            .map(|(_, n)| n)
+            .sum();
         let backup = backup_at_us.map(|at| backup_dependencies(at, &roots, &keys));
         Ok(KeyStatus {
             roots,
             keys,
             active_kek,
             rewrap_pending,
+            active_index,
+            reindex_pending,
             backup,
         })
     }
@@ -739,18 +810,7 @@ impl Keys {
         }
         if total > 0 {
             let active = self.keyring().active_kek();
-            let event = AuditEvent {
-                at_us: now_us(),
-                method: "keys.rewrap".to_owned(),
-                caller: REWRAP_CALLER.to_owned(),
-                role: "system".to_owned(),
-                policy_version: self.policy_version.clone(),
-                outcome: super::call::OK.to_owned(),
-                detail: format!("kind={KIND_KEK} version={active} rewrapped={total}"),
-                ..AuditEvent::default()
-            };
-            self.store
-                .record(crate::audit::AuditTrail::record_of(&event))
+            self.record_job_event("keys.rewrap", KIND_KEK, total)
                 .await?;
             tracing::info!(
                 kek = active,
@@ -760,6 +820,40 @@ impl Keys {
             );
         }
         Ok(total)
+    }
+
+    /// The settings of the key jobs.
+    pub fn settings(&self) -> &KeySettings {
+        &self.settings
+    }
+
+    /// Appends the audit event of a key job that moved `count` subjects to the active version of
+    /// `kind` (`keys.rewrap`, `keys.reindex`).
+    pub async fn record_job_event(
+        &self,
+        method: &str,
+        kind: &str,
+        count: u64,
+    ) -> Result<(), DomainError> {
+        let active = if kind == KIND_KEK {
+            self.keyring().active_kek()
+        } else {
+            self.keyring().index_version()
+        };
+        let event = AuditEvent {
+            at_us: now_us(),
+            method: method.to_owned(),
+            caller: REWRAP_CALLER.to_owned(),
+            role: "system".to_owned(),
+            policy_version: self.policy_version.clone(),
+            outcome: super::call::OK.to_owned(),
+            detail: format!("kind={kind} version={active} moved={count}"),
+            ..AuditEvent::default()
+        };
+        self.store
+            .record(crate::audit::AuditTrail::record_of(&event))
+            .await?;
+        Ok(())
     }
 
     /// Starts the refresher (every `refresh`, or at once when asked) and, unless switched off,
@@ -830,6 +924,7 @@ fn key_info(row: KeyVersionRow) -> Result<KeyVersionInfo, DomainError> {
         created_at_us: row.created_at,
         retired_at_us: row.retired_at,
         data_keys: None,
+        indexed_subjects: None,
     })
 }
 
@@ -880,6 +975,7 @@ mod tests {
             created_at_us: created,
             retired_at_us: retired,
             data_keys: None,
+            indexed_subjects: None,
         }
     }
 

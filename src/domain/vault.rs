@@ -145,6 +145,7 @@ impl Vault {
         let source = source.unwrap_or_else(|| access.caller.name.clone());
         let now = self.clock.now_us();
         let id = new_subject_id();
+        self.check_unique_under_old_index_keys(id, &fields).await?;
         let dek_id = Uuid::new_v4();
         let dek = SecretKey::random()?;
         let wrapped = self.keys.keyring().wrap_dek(id, dek_id, &dek)?;
@@ -277,13 +278,8 @@ impl Vault {
             )));
         }
         draft.event.detail = format!("lookup={}", key.path.as_str());
-        let (_, digest) = self
-            .keys
-            .keyring()
-            .blind_index(key.path.as_str(), &index_key(key.path, &key.value));
         let found = self
-            .store
-            .find(key.path.as_str(), &digest, MAX_FIND_RESULTS)
+            .find_indexed(key.path, &key.value, MAX_FIND_RESULTS)
             .await?;
         // A subject whose matched path retention hides from the caller is not there for it.
         // Nor is one under a restriction of processing, one who objected, or (consent-based
@@ -370,6 +366,11 @@ impl Vault {
                     }
                 }
             }
+            let set: BTreeMap<FieldPath, FieldValue> = changes
+                .iter()
+                .filter_map(|(p, v)| v.clone().map(|v| (*p, v)))
+                .collect();
+            self.check_unique_under_old_index_keys(id, &set).await?;
             let op = WriteOp::Update {
                 id,
                 read_version: row.version,
@@ -607,6 +608,173 @@ impl Vault {
             masked,
             withheld: vis.withheld,
         }
+    }
+
+    /// The subjects whose blind index at `path` matches `value`, under the active index key and
+    /// every older one still loaded (a rotation in progress: the re-index job has not moved every
+    /// subject yet), in id order, at most `limit`.
+    pub(super) async fn find_indexed(
+        &self,
+        path: FieldPath,
+        value: &str,
+        limit: u32,
+    ) -> Result<Vec<crate::store::Found>, DomainError> {
+        let digests = self
+            .keys
+            .keyring()
+            .blind_indexes(path.as_str(), &index_key(path, value));
+        if let [(_, digest)] = digests.as_slice() {
+            return Ok(self.store.find(path.as_str(), digest, limit).await?);
+        }
+        let mut found = BTreeMap::new();
+        for (_, digest) in digests {
+            for f in self.store.find(path.as_str(), &digest, limit).await? {
+                found.entry(f.id).or_insert(f);
+            }
+        }
+        Ok(found.into_values().take(limit as usize).collect())
+    }
+
+    /// While older blind-index keys are still consulted, a unique path (the username) written
+    /// under the active key must not match another subject's entry under an older one: the
+    /// unique index only compares entries of one version. (A subject the re-index job moves
+    /// meanwhile meets the unique index under the active version instead.)
+    async fn check_unique_under_old_index_keys(
+        &self,
+        id: Uuid,
+        fields: &BTreeMap<FieldPath, FieldValue>,
+    ) -> Result<(), DomainError> {
+        let ring = self.keys.keyring();
+        for (path, value) in fields {
+            if path.index() != Some(IndexKind::Unique) {
+                continue;
+            }
+            let Some(text) = value.as_text() else {
+                continue;
+            };
+            let digests = ring.blind_indexes(path.as_str(), &index_key(*path, text));
+            for (_, digest) in digests.iter().skip(1) {
+                let found = self.store.find(path.as_str(), digest, 2).await?;
+                if found.iter().any(|f| f.id != id) {
+                    return Err(DomainError::AlreadyExists {
+                        path: path.as_str().to_owned(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves up to `limit` subjects whose blind-index entries are under an older index key to the
+    /// active one (each compare-and-set on the subject's version; a subject changed meanwhile is
+    /// left to the next batch); how many it moved, or `None` when none was left.
+    pub async fn reindex_batch(&self, limit: u32) -> Result<Option<u64>, DomainError> {
+        let active = self.keys.keyring().index_version();
+        let ids = self.store.index_stale(active, limit.max(1)).await?;
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let indexed = PathSet::from_paths(
+            FieldPath::ALL
+                .iter()
+                .copied()
+                .filter(|p| p.index().is_some()),
+        );
+        let rows = self.store.subjects(&ids).await?;
+        let mut ops = Vec::with_capacity(rows.len());
+        for (id, row) in rows {
+            let row = match row {
+                Ok(row) => row,
+                Err(e) => {
+                    tracing::error!(subject = %id, error = %e, "unreadable row; not re-indexed");
+                    continue;
+                }
+            };
+            self.ensure_keks([&row]).await;
+            let view = match self.open_row(&row, indexed) {
+                Ok((view, _)) => view,
+                Err(e) => {
+                    tracing::error!(subject = %id, error = %e, "indexed values do not open; not re-indexed");
+                    continue;
+                }
+            };
+            let entries = view
+                .fields
+                .iter()
+                .filter_map(|(p, f)| self.index_entry(*p, &f.value))
+                .collect();
+            ops.push(WriteOp::Reindex {
+                id,
+                read_version: row.version,
+                entries,
+            });
+        }
+        // One write per subject, committed together by the group committer.
+        let results =
+            futures_util::future::join_all(ops.into_iter().map(|op| self.store.write(op))).await;
+        let mut moved = 0;
+        for result in results {
+            match result {
+                Ok(_) => moved += 1,
+                Err(StoreError::VersionMismatch { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Some(moved))
+    }
+
+    /// Re-indexes until no subject is left under an older index key, at most `rate` subjects per
+    /// second (0: no limit); how many it moved. Appends one audit event when it moved any.
+    pub async fn reindex_all(&self, rate: u32, batch: u32) -> Result<u64, DomainError> {
+        let started = tokio::time::Instant::now();
+        let mut total = 0u64;
+        let mut idle_batches = 0;
+        while let Some(moved) = self.reindex_batch(batch).await? {
+            total += moved;
+            // Every subject of a batch changed meanwhile (busy subjects): try again shortly.
+            idle_batches = if moved == 0 { idle_batches + 1 } else { 0 };
+            if idle_batches > 100 {
+                return Err(DomainError::Unavailable(
+                    "re-index makes no progress".into(),
+                ));
+            }
+            if rate > 0 {
+                let due =
+                    started + std::time::Duration::from_secs_f64(total as f64 / f64::from(rate));
+                tokio::time::sleep_until(due).await;
+            }
+        }
+        if total > 0 {
+            self.keys
+                .record_job_event("keys.reindex", crate::domain::keys::KIND_BLIND_INDEX, total)
+                .await?;
+        }
+        Ok(total)
+    }
+
+    /// Runs the re-index job after every blind-index key rotation (and once at start, finishing
+    /// one a crash interrupted), unless the job is switched off. Ends with the instance.
+    pub fn spawn_reindexer(self: &Arc<Self>) {
+        let settings = self.keys.settings().clone();
+        if settings.rewrap_rate == 0 {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(vault) = weak.upgrade() else { return };
+                if let Err(e) = vault
+                    .reindex_all(settings.rewrap_rate, settings.rewrap_batch)
+                    .await
+                {
+                    tracing::warn!(error = %e, "re-index failed; resumed at the next interval");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(settings.refresh) => {}
+                    () = vault.keys.reindex_requested() => {}
+                }
+            }
+        });
     }
 
     /// Reloads the keyring first if a row's data key is under a KEK version this instance has not

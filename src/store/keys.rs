@@ -89,6 +89,27 @@ impl Store {
             .collect()
     }
 
+    /// Up to `limit` subjects with blind-index entries under a version older than `below`.
+    pub async fn index_stale(&self, below: u32, limit: u32) -> Result<Vec<Uuid>, StoreError> {
+        let ids: Vec<Vec<u8>> = on_pool!(&self.backend, pool => sqlx::query_scalar(
+            "SELECT id FROM subjects WHERE index_version < $1 ORDER BY index_version LIMIT $2")
+            .bind(i64::from(below))
+            .bind(i64::from(limit))
+            .fetch_all(pool).await)?;
+        ids.iter().map(|id| uuid_from(id)).collect()
+    }
+
+    /// How many subjects have blind-index entries under each version (their oldest one).
+    pub async fn index_counts(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+        let rows: Vec<(i64, i64)> = on_pool!(&self.backend, pool => sqlx::query_as(
+            "SELECT index_version, COUNT(*) FROM subjects WHERE index_version IS NOT NULL \
+             GROUP BY index_version ORDER BY index_version")
+            .fetch_all(pool).await)?;
+        rows.into_iter()
+            .map(|(v, n)| Ok((version(v, "index_version")?, u64::try_from(n).unwrap_or(0))))
+            .collect()
+    }
+
     /// Up to `limit` data keys wrapped under a KEK version older than `below`.
     pub async fn deks_below(&self, below: u32, limit: u32) -> Result<Vec<DekRow>, StoreError> {
         let rows: Vec<DekTuple> = on_pool!(&self.backend, pool =>

@@ -161,6 +161,13 @@ pub enum WriteOp {
     },
     /// Data keys wrapped anew, each applied only if still under its old KEK version.
     Rewrap(Vec<super::Rewrapped>),
+    /// Replaces every blind-index entry of a subject by `entries` (computed under the active
+    /// index key), if the subject is still at `read_version`; `VersionMismatch` otherwise.
+    Reindex {
+        id: Uuid,
+        read_version: u64,
+        entries: Vec<IndexEntry>,
+    },
     /// A new root-key version (its key-check value) and every key re-wrapped under it, each
     /// compare-and-set on the root version it was read under; `Refused` if anything moved.
     RotateRoot {
@@ -434,6 +441,13 @@ fn decode_index_keys(mut bytes: &[u8]) -> Result<Vec<StoredIndexKey>, StoreError
     Ok(out)
 }
 
+/// The oldest blind-index key version among a subject's entries (`subjects.index_version`, which
+/// the re-index job selects by); `None` without entries. Purges only remove entries, so they leave
+/// it as it was: at worst too old, which costs one needless re-index.
+fn oldest_index_version(keys: &[StoredIndexKey]) -> Option<i64> {
+    keys.iter().map(|k| i64::from(k.key_version)).min()
+}
+
 /// Deletes one blind-index entry by its primary key.
 macro_rules! delete_index_entry {
     ($conn:expr, $key:expr, $subject:expr) => {
@@ -465,7 +479,7 @@ macro_rules! bulk_create {
         async {
             let rows = $rows;
             let mut q = sqlx::QueryBuilder::new(
-                "INSERT INTO subjects (id, dek_id, kek_version, wrapped_dek, record, index_keys, version, created_at, updated_at) ",
+                "INSERT INTO subjects (id, dek_id, kek_version, wrapped_dek, record, index_keys, index_version, version, created_at, updated_at) ",
             );
             q.push_values(rows.iter(), |mut b, (row, index)| {
                 b.push_bind(row.id.as_bytes().to_vec())
@@ -474,6 +488,7 @@ macro_rules! bulk_create {
                     .push_bind(row.wrapped_dek.clone())
                     .push_bind(row.record.clone())
                     .push_bind(encode_index_keys(index))
+                    .push_bind(index.iter().map(|e| i64::from(e.key_version)).min())
                     .push_bind(row.version as i64)
                     .push_bind(row.created_at)
                     .push_bind(row.updated_at);
@@ -795,9 +810,10 @@ macro_rules! apply_one {
                             delete_index_entry!($conn, &old, &idb)?;
                         }
                         kept.extend(add_index.iter().map(StoredIndexKey::from));
-                        sqlx::query("UPDATE subjects SET index_keys = $1 WHERE id = $2")
+                        sqlx::query("UPDATE subjects SET index_keys = $1, index_version = $3 WHERE id = $2")
                             .bind(encode_stored_keys(&kept))
                             .bind(idb.clone())
+                            .bind(oldest_index_version(&kept))
                             .execute(&mut *$conn)
                             .await?;
                     }
@@ -1292,7 +1308,8 @@ macro_rules! apply_one {
                     let retired = sqlx::query(
                         "UPDATE keys SET state = 'retired', wrapped = $3, retired_at = $4 \
                          WHERE kind = $1 AND version = $2 AND state = 'decrypt-only' \
-                         AND ($1 <> 'kek' OR NOT EXISTS (SELECT 1 FROM subjects WHERE kek_version = $2))",
+                         AND ($1 <> 'kek' OR NOT EXISTS (SELECT 1 FROM subjects WHERE kek_version = $2)) \
+                         AND ($1 <> 'blind-index' OR NOT EXISTS (SELECT 1 FROM subjects WHERE index_version = $2))",
                     )
                     .bind(kind.clone())
                     .bind(i64::from(*version))
@@ -1315,6 +1332,16 @@ macro_rules! apply_one {
                         Some("active") => Err(StoreError::Refused(format!(
                             "{kind} v{version} is the active version: rotate first, then retire it"
                         ))),
+                        Some(_) if kind == "blind-index" => {
+                            let in_use: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM subjects WHERE index_version = $1")
+                                .bind(i64::from(*version))
+                                .fetch_one(&mut *$conn)
+                                .await?;
+                            Err(StoreError::Refused(format!(
+                                "{in_use} subjects still have blind-index entries under {kind} v{version}: \
+                                 retire it once the re-index job has moved them (see KeyStatus)"
+                            )))
+                        }
                         Some(_) => {
                             let in_use: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM subjects WHERE kek_version = $1")
                                 .bind(i64::from(*version))
@@ -1397,6 +1424,40 @@ macro_rules! apply_one {
                             )))
                         }
                     }
+                }
+                WriteOp::Reindex { id, read_version, entries } => {
+                    let idb = id.as_bytes().to_vec();
+                    let keys: Option<Vec<u8>> = sqlx::query_scalar(
+                        "SELECT index_keys FROM subjects WHERE id = $1 AND version = $2",
+                    )
+                    .bind(idb.clone())
+                    .bind(*read_version as i64)
+                    .fetch_optional(&mut *$conn)
+                    .await?;
+                    let Some(keys) = keys else {
+                        return Err(StoreError::VersionMismatch { actual: 0 });
+                    };
+                    for old in decode_index_keys(&keys)? {
+                        delete_index_entry!($conn, &old, &idb)?;
+                    }
+                    for e in entries {
+                        sqlx::query("INSERT INTO blind_index (path, digest, subject_id, key_version) VALUES ($1, $2, $3, $4)")
+                            .bind(e.path)
+                            .bind(e.digest.to_vec())
+                            .bind(idb.clone())
+                            .bind(i64::from(e.key_version))
+                            .execute(&mut *$conn)
+                            .await
+                            .map_err(unique_violation)?;
+                    }
+                    let stored: Vec<StoredIndexKey> = entries.iter().map(StoredIndexKey::from).collect();
+                    sqlx::query("UPDATE subjects SET index_keys = $1, index_version = $2 WHERE id = $3")
+                        .bind(encode_stored_keys(&stored))
+                        .bind(oldest_index_version(&stored))
+                        .bind(idb)
+                        .execute(&mut *$conn)
+                        .await?;
+                    Ok(WriteOutcome::Recorded)
                 }
                 WriteOp::Rewrap(rows) => {
                     let mut count = 0;

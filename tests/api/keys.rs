@@ -623,8 +623,45 @@ fn open_backup_dek(
     None
 }
 
+/// Whether any blind-index key that `roots` unwrap from `key_rows` gives `digest` for the e-mail
+/// address (a backup's index entry confirmed against a guessed value).
+fn matches_backup(
+    roots: &kluis::crypto::RootKeys,
+    key_rows: &[(String, i64, i64, Vec<u8>)],
+    email: &str,
+    digest: &[u8],
+) -> bool {
+    use kluis::crypto::{Keyring, SecretKey, WrappedKey};
+    key_rows
+        .iter()
+        .any(|(kind, version, root_version, wrapped)| {
+            if kind != "blind-index" || wrapped.is_empty() {
+                return false;
+            }
+            let Ok(key) = roots.unwrap(
+                "blind-index",
+                *version as u32,
+                &WrappedKey {
+                    wrapping_version: *root_version as u32,
+                    bytes: wrapped.clone(),
+                },
+            ) else {
+                return false;
+            };
+            let ring = Keyring::new(
+                [(1, SecretKey::random().unwrap())].into_iter().collect(),
+                1,
+                *version as u32,
+                key,
+            )
+            .unwrap();
+            ring.blind_index("contact.email", email).1.as_slice() == digest
+        })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_the_crypto_period_procedure_a_backup_of_an_erased_subject_is_undecryptable() {
+async fn after_the_crypto_period_procedure_a_backup_of_an_erased_subject_is_undecryptable_and_unmatchable()
+ {
     use kluis::crypto::{RootKey, RootKeys};
     let db = TestDb::new().await;
     let app = spawn_with(db.clone(), keys_config(0)).await;
@@ -637,6 +674,12 @@ async fn after_the_crypto_period_procedure_a_backup_of_an_erased_subject_is_unde
         .bytes("SELECT dek_id FROM subjects WHERE id = $1", id.as_bytes())
         .await;
     let dek_id = uuid::Uuid::from_slice(&dek_id).unwrap();
+    let backup_digest = raw
+        .bytes(
+            "SELECT digest FROM blind_index WHERE subject_id = $1 AND path = 'contact.email'",
+            id.as_bytes(),
+        )
+        .await;
     let wrapped_dek = raw
         .bytes(
             "SELECT wrapped_dek FROM subjects WHERE id = $1",
@@ -652,18 +695,45 @@ async fn after_the_crypto_period_procedure_a_backup_of_an_erased_subject_is_unde
         "with the keys of its day the backup opens (so the check below can fail)"
     );
 
-    // The subject is erased; then the procedure: rotate the KEK and re-wrap, rotate the root key,
-    // retire the old KEK and the old root key.
+    let email = subject.contact.clone().unwrap().email.to_lowercase();
+    assert!(
+        matches_backup(&roots_then, &backup_keys, &email, &backup_digest),
+        "with the keys of its day the backup's index entry matches the address"
+    );
+
+    // The subject is erased; then the procedure: rotate the KEK and re-wrap, rotate the
+    // blind-index key and re-index, rotate the root key, retire the old versions.
     app.subjects()
         .erase_subject(pb::EraseSubjectRequest {
             id: subject.id.clone(),
         })
         .await
         .unwrap();
+    let _others = create_many(&app, 10).await;
     rotate(&app).await;
     app.keys.rewrap_all(0).await.unwrap();
+    rotate_index(&app).await;
+    let db = app.stop().await;
+    // The re-index job runs in a server with the jobs on.
+    let app = spawn_with(db, keys_config(20_000)).await;
+    let started = Instant::now();
+    while status(&app).await.reindex_pending > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "re-index stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert!(retire(&app, 1).await.unwrap());
+    assert!(
+        app.admin()
+            .retire_index_key(pb::RetireIndexKeyRequest { version: 1 })
+            .await
+            .unwrap()
+            .into_inner()
+            .retired_now
+    );
     let db = app.stop().await;
     for args in [
         &["rotate-root"][..],
@@ -697,7 +767,15 @@ async fn after_the_crypto_period_procedure_a_backup_of_an_erased_subject_is_unde
             .iter()
             .any(|(kind, v, _, wrapped)| kind == "kek" && *v == 1 && wrapped.is_empty())
     );
-    // KeyStatus tells the same: what that backup needs is retired, except the blind-index key.
+    assert!(
+        !matches_backup(&roots_now, &backup_keys, &email, &backup_digest),
+        "the backup's own index key copies need root key v1"
+    );
+    assert!(
+        !matches_backup(&roots_now, &live_keys, &email, &backup_digest),
+        "no live blind-index key confirms the address: v1 is destroyed"
+    );
+    // KeyStatus tells the same: everything that backup needs is retired.
     let app = spawn_with(db, keys_config(0)).await;
     let deps = app
         .admin()
@@ -719,6 +797,140 @@ async fn after_the_crypto_period_procedure_a_backup_of_an_erased_subject_is_unde
         "{retired:?}"
     );
     assert!(deps.root_versions.iter().all(|r| r.retire_time.is_some()));
-    // The blind-index key is not rotated yet, so the backup is not unrecoverable in every respect.
-    assert!(!deps.unrecoverable);
+    assert!(deps.unrecoverable, "{deps:?}");
+}
+
+/// Subjects created with their ids and e-mail addresses.
+async fn create_with_emails(app: &TestApp, n: usize) -> Vec<(String, String, String)> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let batch = (n - out.len()).min(16);
+        let created =
+            futures_util::future::join_all((0..batch).map(|_| app.create(full_subject(&tag()))))
+                .await;
+        out.extend(
+            created
+                .into_iter()
+                .map(|s| (s.id, s.contact.unwrap().email, s.account.unwrap().username)),
+        );
+    }
+    out
+}
+
+async fn find_email(client: &mut crate::helpers::Subjects, email: &str) -> Vec<String> {
+    client
+        .find_subjects(pb::FindSubjectsRequest {
+            key: Some(pb::find_subjects_request::Key::Email(email.to_owned())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .subject_ids
+}
+
+async fn rotate_index(app: &TestApp) -> u32 {
+    app.admin()
+        .rotate_index_key(pb::RotateIndexKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .version
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_find_every_subject_while_the_blind_index_key_is_rotated() {
+    let db = TestDb::new().await;
+    // The re-index job off at first: every old subject stays under index key v1 for now.
+    let app = spawn_with(db.clone(), keys_config(0)).await;
+    let old = create_with_emails(&app, 30).await;
+    assert_eq!(rotate_index(&app).await, 2);
+    let new = create_with_emails(&app, 5).await;
+    let s = status(&app).await;
+    assert_eq!((s.active_index_key_version, s.reindex_pending), (2, 30));
+    let mut client = app.subjects();
+    for (id, email, _) in old.iter().chain(&new) {
+        assert_eq!(
+            &find_email(&mut client, email).await,
+            std::slice::from_ref(id),
+            "{email}"
+        );
+    }
+    // A username taken under the old key is still taken.
+    let mut dup = full_subject(&tag());
+    dup.account = Some(pb::Account {
+        username: old[0].2.clone(),
+    });
+    let err = client
+        .create_subject(pb::CreateSubjectRequest {
+            subject: Some(dup),
+            source: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // Retiring v1 is refused while subjects use it.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let err = app
+        .admin()
+        .retire_index_key(pb::RetireIndexKeyRequest { version: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("30 subjects"), "{}", err.message());
+    let db = app.stop().await;
+
+    // With the job on (and slow), lookups go on while it runs and never miss.
+    let app = spawn_with(db, |args| {
+        args.keys.refresh_seconds = 0.2;
+        args.keys.rewrap_rate = 40;
+        args.keys.rewrap_batch = 5;
+    })
+    .await;
+    let mut client = app.subjects();
+    let mut during = 0;
+    let started = Instant::now();
+    loop {
+        let pending = status(&app).await.reindex_pending;
+        for (id, email, _) in old.iter().chain(&new) {
+            assert_eq!(
+                &find_email(&mut client, email).await,
+                std::slice::from_ref(id),
+                "{email}"
+            );
+            during += u64::from(pending > 0);
+        }
+        if pending == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "re-index stalled"
+        );
+    }
+    assert!(during > 35, "lookups ran while the job did ({during})");
+    let retired = app
+        .admin()
+        .retire_index_key(pb::RetireIndexKeyRequest { version: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retired.retired_now);
+    assert_eq!(
+        app.raw_count("SELECT COUNT(*) FROM blind_index WHERE key_version = 1")
+            .await,
+        0
+    );
+    for (id, email, _) in old.iter().chain(&new) {
+        assert_eq!(
+            &find_email(&mut client, email).await,
+            std::slice::from_ref(id)
+        );
+    }
+    let events = app
+        .audit_events(pb::QueryAuditLogRequest {
+            method: "keys.reindex".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(!events.is_empty());
 }
