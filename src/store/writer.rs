@@ -461,6 +461,23 @@ macro_rules! delete_index_entry {
     };
 }
 
+/// Inserts one blind-index entry of a subject; a taken username is `Duplicate`.
+macro_rules! insert_index_entry {
+    ($conn:expr, $entry:expr, $subject:expr) => {
+        sqlx::query(
+            "INSERT INTO blind_index (path, digest, subject_id, key_version) VALUES ($1, $2, $3, $4)",
+        )
+        .bind($entry.path)
+        .bind($entry.digest.to_vec())
+        .bind($subject.clone())
+        .bind(i64::from($entry.key_version))
+        .execute(&mut *$conn)
+        .await
+        .map(|_| ())
+        .map_err(unique_violation)
+    };
+}
+
 /// `NotFound` unless the subject (by id bytes) exists.
 macro_rules! require_subject {
     ($conn:expr, $idb:expr) => {
@@ -818,14 +835,7 @@ macro_rules! apply_one {
                             .await?;
                     }
                     for e in add_index {
-                        sqlx::query("INSERT INTO blind_index (path, digest, subject_id, key_version) VALUES ($1, $2, $3, $4)")
-                            .bind(e.path)
-                            .bind(e.digest.to_vec())
-                            .bind(idb.clone())
-                            .bind(i64::from(e.key_version))
-                            .execute(&mut *$conn)
-                            .await
-                            .map_err(unique_violation)?;
+                        insert_index_entry!($conn, e, &idb)?;
                     }
                     if let Some(due) = retention_due {
                         sqlx::query(
@@ -1441,14 +1451,7 @@ macro_rules! apply_one {
                         delete_index_entry!($conn, &old, &idb)?;
                     }
                     for e in entries {
-                        sqlx::query("INSERT INTO blind_index (path, digest, subject_id, key_version) VALUES ($1, $2, $3, $4)")
-                            .bind(e.path)
-                            .bind(e.digest.to_vec())
-                            .bind(idb.clone())
-                            .bind(i64::from(e.key_version))
-                            .execute(&mut *$conn)
-                            .await
-                            .map_err(unique_violation)?;
+                        insert_index_entry!($conn, e, &idb)?;
                     }
                     let stored: Vec<StoredIndexKey> = entries.iter().map(StoredIndexKey::from).collect();
                     sqlx::query("UPDATE subjects SET index_keys = $1, index_version = $2 WHERE id = $3")
