@@ -82,7 +82,7 @@ impl Store {
     /// How many subjects' data keys each KEK version wraps.
     pub async fn dek_counts(&self) -> Result<Vec<(u32, u64)>, StoreError> {
         let rows: Vec<(i64, i64)> = on_pool!(&self.backend, pool => sqlx::query_as(
-            "SELECT kek_version, COUNT(*) FROM subjects GROUP BY kek_version ORDER BY kek_version")
+            "SELECT kek_version, COUNT(*) FROM data_keys GROUP BY kek_version ORDER BY kek_version")
             .fetch_all(pool).await)?;
         rows.into_iter()
             .map(|(v, n)| Ok((version(v, "kek_version")?, u64::try_from(n).unwrap_or(0))))
@@ -114,7 +114,7 @@ impl Store {
     pub async fn deks_below(&self, below: u32, limit: u32) -> Result<Vec<DekRow>, StoreError> {
         let rows: Vec<DekTuple> = on_pool!(&self.backend, pool =>
             sqlx::query_as(
-                "SELECT id, dek_id, kek_version, wrapped_dek FROM subjects WHERE kek_version < $1 \
+                "SELECT subject_id, dek_id, kek_version, wrapped_dek FROM data_keys WHERE kek_version < $1 \
                  ORDER BY kek_version LIMIT $2")
             .bind(i64::from(below))
             .bind(i64::from(limit))

@@ -128,8 +128,9 @@ pub(super) async fn subjects_by_id(
     }
     let raws: Vec<RawSubjectRow> = on_pool!(backend, pool => {
         let mut q = sqlx::QueryBuilder::new(
-            "SELECT id, dek_id, kek_version, wrapped_dek, record, version, created_at, updated_at, \
-             retention, retention_version, restricted_at FROM subjects WHERE id IN (",
+            "SELECT s.id, k.dek_id, k.kek_version, k.wrapped_dek, s.record, s.version, s.created_at, \
+             s.updated_at, s.retention, s.retention_version, s.restricted_at \
+             FROM subjects s JOIN data_keys k ON k.subject_id = s.id WHERE s.id IN (",
         );
         let mut list = q.separated(", ");
         for id in ids {

@@ -151,9 +151,9 @@ impl Store {
             "NOT EXISTS (SELECT 1 FROM objections o WHERE o.subject_id = s.id AND o.purpose = $1)"
         };
         let sql = format!(
-            "SELECT s.id, s.dek_id, s.kek_version, s.wrapped_dek, s.record, s.version, s.created_at, \
+            "SELECT s.id, k.dek_id, k.kek_version, k.wrapped_dek, s.record, s.version, s.created_at, \
              s.updated_at, s.retention, s.retention_version, s.restricted_at FROM subjects s \
-             WHERE s.id > $2 AND s.restricted_at IS NULL AND {filter} ORDER BY s.id LIMIT $3"
+             JOIN data_keys k ON k.subject_id = s.id WHERE s.id > $2 AND s.restricted_at IS NULL AND {filter} ORDER BY s.id LIMIT $3"
         );
         let after = after.map_or_else(Vec::new, |id| id.as_bytes().to_vec());
         let raws: Vec<RawSubjectRow> = on_pool!(&self.backend, pool => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))

@@ -490,19 +490,17 @@ macro_rules! require_subject {
     };
 }
 
-/// Inserts subjects and their index entries with one multi-row INSERT per table.
+/// Inserts subjects, their wrapped data keys and their index entries with one multi-row INSERT
+/// per table.
 macro_rules! bulk_create {
     ($conn:expr, $rows:expr) => {{
         async {
             let rows = $rows;
             let mut q = sqlx::QueryBuilder::new(
-                "INSERT INTO subjects (id, dek_id, kek_version, wrapped_dek, record, index_keys, index_version, version, created_at, updated_at) ",
+                "INSERT INTO subjects (id, record, index_keys, index_version, version, created_at, updated_at) ",
             );
             q.push_values(rows.iter(), |mut b, (row, index)| {
                 b.push_bind(row.id.as_bytes().to_vec())
-                    .push_bind(row.dek_id.as_bytes().to_vec())
-                    .push_bind(i64::from(row.kek_version))
-                    .push_bind(row.wrapped_dek.clone())
                     .push_bind(row.record.clone())
                     .push_bind(encode_index_keys(index))
                     .push_bind(index.iter().map(|e| i64::from(e.key_version)).min())
@@ -511,6 +509,16 @@ macro_rules! bulk_create {
                     .push_bind(row.updated_at);
             });
             q.build().execute(&mut *$conn).await.map_err(unique_violation)?;
+            let mut q = sqlx::QueryBuilder::new(
+                "INSERT INTO data_keys (subject_id, dek_id, kek_version, wrapped_dek) ",
+            );
+            q.push_values(rows.iter(), |mut b, (row, _)| {
+                b.push_bind(row.id.as_bytes().to_vec())
+                    .push_bind(row.dek_id.as_bytes().to_vec())
+                    .push_bind(i64::from(row.kek_version))
+                    .push_bind(row.wrapped_dek.clone());
+            });
+            q.build().execute(&mut *$conn).await?;
             let entries: Vec<(Uuid, &IndexEntry)> = rows
                 .iter()
                 .flat_map(|(row, index)| index.iter().map(move |e| (row.id, e)))
@@ -534,7 +542,9 @@ macro_rules! bulk_create {
 /// The tables besides `subjects` whose rows name a subject and go when it is erased or shredded.
 /// None holds a personal value; the audit trail keeps what happened (ids and paths). Erasure
 /// receipts stay: they are the evidence of the erasure.
-const SUBJECT_TABLES: [&str; 9] = [
+const SUBJECT_TABLES: [&str; 10] = [
+    // The wrapped data key: deleting it is what crypto-shreds the subject.
+    "data_keys",
     "objections",
     "processing_records",
     "legal_holds",
@@ -1318,7 +1328,7 @@ macro_rules! apply_one {
                     let retired = sqlx::query(
                         "UPDATE keys SET state = 'retired', wrapped = $3, retired_at = $4 \
                          WHERE kind = $1 AND version = $2 AND state = 'decrypt-only' \
-                         AND ($1 <> 'kek' OR NOT EXISTS (SELECT 1 FROM subjects WHERE kek_version = $2)) \
+                         AND ($1 <> 'kek' OR NOT EXISTS (SELECT 1 FROM data_keys WHERE kek_version = $2)) \
                          AND ($1 <> 'blind-index' OR NOT EXISTS (SELECT 1 FROM subjects WHERE index_version = $2))",
                     )
                     .bind(kind.clone())
@@ -1353,7 +1363,7 @@ macro_rules! apply_one {
                             )))
                         }
                         Some(_) => {
-                            let in_use: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM subjects WHERE kek_version = $1")
+                            let in_use: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM data_keys WHERE kek_version = $1")
                                 .bind(i64::from(*version))
                                 .fetch_one(&mut *$conn)
                                 .await?;
@@ -1466,7 +1476,7 @@ macro_rules! apply_one {
                     let mut count = 0;
                     for chunk in rows.chunks(1000) {
                         let mut q = sqlx::QueryBuilder::new(
-                            "UPDATE subjects SET kek_version = v.column2, wrapped_dek = v.column3 FROM (",
+                            "UPDATE data_keys SET kek_version = v.column2, wrapped_dek = v.column3 FROM (",
                         );
                         q.push_values(chunk.iter(), |mut b, r| {
                             b.push_bind(r.id.as_bytes().to_vec())
@@ -1474,7 +1484,7 @@ macro_rules! apply_one {
                                 .push_bind(r.wrapped.clone())
                                 .push_bind(i64::from(r.old_version));
                         });
-                        q.push(") AS v WHERE subjects.id = v.column1 AND subjects.kek_version = v.column4");
+                        q.push(") AS v WHERE data_keys.subject_id = v.column1 AND data_keys.kek_version = v.column4");
                         count += q.build().execute(&mut *$conn).await?.rows_affected();
                     }
                     Ok(WriteOutcome::Rewrapped { count })

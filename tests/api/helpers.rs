@@ -230,6 +230,7 @@ impl Raw {
         let mut out = String::new();
         for table in [
             "subjects",
+            "data_keys",
             "blind_index",
             "keys",
             "root_key_checks",

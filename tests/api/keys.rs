@@ -671,7 +671,10 @@ async fn after_the_crypto_period_procedure_a_backup_of_an_erased_subject_is_unde
     let raw = app.db.raw().await;
     let backup_keys = raw.key_rows().await;
     let dek_id = raw
-        .bytes("SELECT dek_id FROM subjects WHERE id = $1", id.as_bytes())
+        .bytes(
+            "SELECT dek_id FROM data_keys WHERE subject_id = $1",
+            id.as_bytes(),
+        )
         .await;
     let dek_id = uuid::Uuid::from_slice(&dek_id).unwrap();
     let backup_digest = raw
@@ -682,7 +685,7 @@ async fn after_the_crypto_period_procedure_a_backup_of_an_erased_subject_is_unde
         .await;
     let wrapped_dek = raw
         .bytes(
-            "SELECT wrapped_dek FROM subjects WHERE id = $1",
+            "SELECT wrapped_dek FROM data_keys WHERE subject_id = $1",
             id.as_bytes(),
         )
         .await;

@@ -362,6 +362,18 @@ async fn a_completed_order_is_kept_seven_years_for_billing_then_purged_and_the_s
         "{swept:?}"
     );
     assert_eq!(app.get(&id).await.unwrap_err().code(), Code::NotFound);
+    // Shredded: the wrapped data key is gone with the row.
+    let raw = app.db.raw().await;
+    let idb = uuid::Uuid::parse_str(&id).unwrap();
+    assert_eq!(
+        raw.count(
+            "SELECT COUNT(*) FROM data_keys WHERE subject_id = $1",
+            idb.as_bytes()
+        )
+        .await,
+        0
+    );
+    raw.close().await;
     assert_eq!(
         code(
             visible(

@@ -470,12 +470,12 @@ async fn ciphertexts_moved_between_subjects_or_paths_read_as_data_loss() {
         .await;
     let dek_b = raw
         .bytes(
-            "SELECT wrapped_dek FROM subjects WHERE id = $1",
+            "SELECT wrapped_dek FROM data_keys WHERE subject_id = $1",
             &id_bytes(&b),
         )
         .await;
     raw.set_bytes(
-        "UPDATE subjects SET wrapped_dek = $1 WHERE id = $2",
+        "UPDATE data_keys SET wrapped_dek = $1 WHERE subject_id = $2",
         dek_b,
         &id_bytes(&a),
     )

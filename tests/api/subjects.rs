@@ -554,6 +554,15 @@ async fn erase_makes_every_read_not_found_and_destroys_key_and_index() {
     );
     assert_eq!(
         raw.count(
+            "SELECT COUNT(*) FROM data_keys WHERE subject_id = $1",
+            id.as_bytes()
+        )
+        .await,
+        0,
+        "the wrapped data key is destroyed"
+    );
+    assert_eq!(
+        raw.count(
             "SELECT COUNT(*) FROM blind_index WHERE subject_id = $1",
             id.as_bytes()
         )
