@@ -201,6 +201,24 @@ impl Raw {
         on_raw!(self, p => sqlx::query_scalar(sql).bind(id.to_vec()).fetch_one(p).await.unwrap())
     }
 
+    /// SQLite: a consistent copy of the whole database at `path` (`VACUUM INTO`, a backup);
+    /// `false` on PostgreSQL, where the tests copy rows instead.
+    pub async fn backup_into(&self, path: &std::path::Path) -> bool {
+        match self {
+            Raw::Sqlite(p) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "VACUUM INTO '{}'",
+                    path.display()
+                )))
+                .execute(p)
+                .await
+                .unwrap();
+                true
+            }
+            Raw::Pg(_) => false,
+        }
+    }
+
     /// Every row of `keys`: (kind, version, root version, wrapped bytes).
     pub async fn key_rows(&self) -> Vec<(String, i64, i64, Vec<u8>)> {
         on_raw!(self, p => sqlx::query_as("SELECT kind, version, root_version, wrapped FROM keys ORDER BY kind, version")

@@ -689,6 +689,9 @@ async fn after_the_crypto_period_procedure_a_backup_of_an_erased_subject_is_unde
             id.as_bytes(),
         )
         .await;
+    let backup_dir = db.data_dir().with_extension("backup");
+    std::fs::create_dir_all(&backup_dir).unwrap();
+    let whole_backup = raw.backup_into(&backup_dir.join("kluis.db")).await;
     raw.close().await;
     let key_file = db.data_dir().join("root.key");
     let roots_then =
@@ -778,6 +781,15 @@ async fn after_the_crypto_period_procedure_a_backup_of_an_erased_subject_is_unde
         !matches_backup(&roots_now, &live_keys, &email, &backup_digest),
         "no live blind-index key confirms the address: v1 is destroyed"
     );
+    // The whole backup restored beside today's key file: kluis refuses it (SQLite, where the test
+    // takes a whole-database copy; on PostgreSQL the rows above stand for it).
+    if whole_backup {
+        std::fs::copy(&key_file, backup_dir.join("root.key")).unwrap();
+        let restored =
+            kluis::ServeArgs::new("127.0.0.1:0".parse().unwrap(), backup_dir.clone(), None);
+        let err = build_error(kluis::Application::build(&restored).await);
+        assert!(err.contains("root key does not match"), "{err}");
+    }
     // KeyStatus tells the same: everything that backup needs is retired.
     let app = spawn_with(db, keys_config(0)).await;
     let deps = app
