@@ -545,6 +545,29 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_never_shows_key_material() {
+        let root = RootKey::generate().unwrap();
+        let hex_key = hex::encode(root.key.expose());
+        let params = crate::crypto::PasswordParams {
+            m_kib: 8,
+            t: 1,
+            p: 1,
+        };
+        let sealed = root.seal_with_passphrase(b"passphrase", params).unwrap();
+        for shown in [
+            format!("{root:?}"),
+            format!("{:?}", RootKeys::new([root.clone()])),
+            format!("{sealed:?}"),
+        ] {
+            assert!(!shown.contains(&hex_key), "{shown}");
+            assert!(
+                !shown.contains(&format!("{:?}", root.key.expose())),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
     fn malformed_key_files_are_refused() {
         for text in ["", "kluis-root-key v1 zz", "kluis-root-key x1 00", "00ff"] {
             assert!(RootKey::parse(text).is_err(), "{text:?}");
