@@ -1329,7 +1329,7 @@ macro_rules! apply_one {
                         "UPDATE keys SET state = 'retired', wrapped = $3, retired_at = $4 \
                          WHERE kind = $1 AND version = $2 AND state = 'decrypt-only' \
                          AND ($1 <> 'kek' OR NOT EXISTS (SELECT 1 FROM data_keys WHERE kek_version = $2)) \
-                         AND ($1 <> 'blind-index' OR NOT EXISTS (SELECT 1 FROM subjects WHERE index_version = $2))",
+                         AND ($1 <> 'blind-index' OR NOT EXISTS (SELECT 1 FROM subjects WHERE index_version <= $2))",
                     )
                     .bind(kind.clone())
                     .bind(i64::from(*version))
@@ -1353,12 +1353,12 @@ macro_rules! apply_one {
                             "{kind} v{version} is the active version: rotate first, then retire it"
                         ))),
                         Some(_) if kind == "blind-index" => {
-                            let in_use: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM subjects WHERE index_version = $1")
+                            let in_use: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM subjects WHERE index_version <= $1")
                                 .bind(i64::from(*version))
                                 .fetch_one(&mut *$conn)
                                 .await?;
                             Err(StoreError::Refused(format!(
-                                "{in_use} subjects still have blind-index entries under {kind} v{version}: \
+                                "{in_use} subjects may still have blind-index entries under {kind} v{version} or older: \
                                  retire it once the re-index job has moved them (see KeyStatus)"
                             )))
                         }

@@ -949,3 +949,55 @@ async fn lookups_find_every_subject_while_the_blind_index_key_is_rotated() {
         .await;
     assert!(!events.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_key_version_is_not_retired_while_a_subject_with_older_entries_also_has_its_entries()
+ {
+    // Job off: subjects move between versions only by their own writes.
+    let app = spawn_with(TestDb::new().await, keys_config(0)).await;
+    let created = create_with_emails(&app, 1).await;
+    let (id, email, _) = &created[0];
+    assert_eq!(rotate_index(&app).await, 2);
+    // A new username is indexed under v2; the e-mail address stays under v1.
+    let username = format!("renamed{}", tag());
+    app.subjects()
+        .update_subject(pb::UpdateSubjectRequest {
+            subject: Some(pb::Subject {
+                id: id.clone(),
+                account: Some(pb::Account {
+                    username: username.clone(),
+                }),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["account.username".into()],
+            }),
+            expected_version: None,
+            source: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(rotate_index(&app).await, 3);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // v2 holds the subject's username entry even though its oldest entry is under v1.
+    let err = app
+        .admin()
+        .retire_index_key(pb::RetireIndexKeyRequest { version: 2 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let mut client = app.subjects();
+    assert_eq!(
+        find_email(&mut client, email).await,
+        std::slice::from_ref(id)
+    );
+    let by_username = client
+        .find_subjects(pb::FindSubjectsRequest {
+            key: Some(pb::find_subjects_request::Key::Username(username)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .subject_ids;
+    assert_eq!(by_username, std::slice::from_ref(id));
+}
