@@ -95,6 +95,7 @@ impl KeySource for KeyFile {
     }
 
     fn add(&self, key: &RootKey) -> Result<(), KeySourceError> {
+        let _lock = ChangeLock::take(&self.path)?;
         let mut keys = if self.path.exists() {
             self.load()?
         } else {
@@ -112,6 +113,7 @@ impl KeySource for KeyFile {
     }
 
     fn remove(&self, version: u32) -> Result<(), KeySourceError> {
+        let _lock = ChangeLock::take(&self.path)?;
         let keys: Vec<RootKey> = self
             .load()?
             .into_iter()
@@ -244,6 +246,7 @@ impl KeySource for Passphrase {
     }
 
     fn add(&self, key: &RootKey) -> Result<(), KeySourceError> {
+        let _lock = ChangeLock::take(&self.path)?;
         let mut sealed = if self.path.exists() {
             // Every existing version must unseal with this passphrase before one is added.
             self.load()?;
@@ -266,12 +269,41 @@ impl KeySource for Passphrase {
     }
 
     fn remove(&self, version: u32) -> Result<(), KeySourceError> {
+        let _lock = ChangeLock::take(&self.path)?;
         let kept: Vec<SealedRootKey> = self
             .sealed()?
             .into_iter()
             .filter(|s| s.version != version)
             .collect();
         self.write(&kept)
+    }
+}
+
+/// Held while a key file is changed (`<file>.lock`, created exclusively), so two rotations at once
+/// cannot each add a version the other then overwrites. Removed when dropped.
+struct ChangeLock(PathBuf);
+
+impl ChangeLock {
+    fn take(file: &Path) -> Result<Self, KeySourceError> {
+        let lock = file.with_extension("lock");
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&lock)
+            .map_err(|e| {
+                KeySourceError(format!(
+                    "{}: {e}: another root-key change is running (if none is, remove the file)",
+                    lock.display()
+                ))
+            })?;
+        Ok(Self(lock))
+    }
+}
+
+impl Drop for ChangeLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
     }
 }
 

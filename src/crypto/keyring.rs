@@ -170,12 +170,22 @@ impl RootKey {
 
 /// A root key sealed under an operator passphrase: one line of the sealed key file,
 /// `kluis-sealed-root-key v<version> argon2id m=<KiB>,t=<passes>,p=<lanes> <salt hex> <sealed hex>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Debug` leaves salt and ciphertext out (with them a passphrase could be guessed offline).
+#[derive(Clone, PartialEq, Eq)]
 pub struct SealedRootKey {
     pub version: u32,
     pub params: super::PasswordParams,
     pub salt: Vec<u8>,
     pub sealed: Vec<u8>,
+}
+
+impl std::fmt::Debug for SealedRootKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedRootKey")
+            .field("version", &self.version)
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
 }
 
 const SEALED_TAG: &str = "kluis-sealed-root-key";

@@ -71,6 +71,7 @@ impl From<StoreError> for DomainError {
             StoreError::Unavailable(m) => DomainError::Unavailable(m),
             StoreError::Corrupt(m) => DomainError::Internal(format!("corrupt row: {m}")),
             StoreError::Refused(m) => DomainError::FailedPrecondition(m),
+            StoreError::StaleKeyring(m) => DomainError::Unavailable(m),
             StoreError::Database(m) | StoreError::Url(m) | StoreError::Migrate(m) => {
                 DomainError::Internal(m)
             }

@@ -504,6 +504,19 @@ impl Keys {
                 "root key v{version} is the newest version: rotate the root key first"
             )));
         }
+        // Instances that have not reloaded since the rotation may still wrap under it.
+        if let Some(next) = known.iter().find(|r| r.version == row.version + 1) {
+            let settled = next.created_at + micros(self.settings.refresh);
+            let now = now_us();
+            if now < settled {
+                return Err(DomainError::FailedPrecondition(format!(
+                    "root key v{version} was superseded less than the keyring refresh interval \
+                     ago; retry in {} ms, once every instance has loaded v{}",
+                    (settled - now) / 1000 + 1,
+                    version + 1
+                )));
+            }
+        }
         let op = WriteOp::RetireRoot {
             version,
             at: now_us(),

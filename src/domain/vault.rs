@@ -192,9 +192,21 @@ impl Vault {
         draft.subject(id);
         draft.written(record.paths());
         let shown = self.show(access, view, PathSet::all(), draft);
-        self.store
+        match self
+            .store
             .write_audited(WriteOp::Create { row, index }, draft.committed_record())
-            .await?;
+            .await
+        {
+            Ok(_) => {}
+            Err(e @ StoreError::StaleKeyring(_)) => {
+                // A KEK retired since this instance last reloaded: reload, the caller retries.
+                if let Err(reload) = self.keys.refresh().await {
+                    tracing::warn!(error = %reload, "keyring reload failed");
+                }
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
         draft.committed = true;
         Ok(shown)
     }
@@ -626,13 +638,8 @@ impl Vault {
         if let [(_, digest)] = digests.as_slice() {
             return Ok(self.store.find(path.as_str(), digest, limit).await?);
         }
-        let mut found = BTreeMap::new();
-        for (_, digest) in digests {
-            for f in self.store.find(path.as_str(), &digest, limit).await? {
-                found.entry(f.id).or_insert(f);
-            }
-        }
-        Ok(found.into_values().take(limit as usize).collect())
+        let digests: Vec<[u8; 32]> = digests.into_iter().map(|(_, d)| d).collect();
+        Ok(self.store.find_any(path.as_str(), &digests, limit).await?)
     }
 
     /// While older blind-index keys are still consulted, a unique path (the username) written
@@ -710,13 +717,25 @@ impl Vault {
             });
         }
         // One write per subject, committed together by the group committer.
+        let ids: Vec<Uuid> = ops
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::Reindex { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
         let results =
             futures_util::future::join_all(ops.into_iter().map(|op| self.store.write(op))).await;
         let mut moved = 0;
-        for result in results {
+        for (id, result) in ids.into_iter().zip(results) {
             match result {
                 Ok(_) => moved += 1,
                 Err(StoreError::VersionMismatch { .. }) => {}
+                // Another subject holds the same username under the active key (two subjects
+                // took it under different versions): left for an operator, the rest goes on.
+                Err(StoreError::Duplicate { path }) => {
+                    tracing::error!(subject = %id, path, "unique value held by another subject under the new index key; not re-indexed");
+                }
                 Err(e) => return Err(e.into()),
             }
         }

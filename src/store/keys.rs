@@ -89,6 +89,42 @@ impl Store {
             .collect()
     }
 
+    /// Subjects whose blind index at `path` equals any of `digests` (one value under several
+    /// index-key versions during a rotation), in id order, at most `limit`. One statement, so it
+    /// sees a subject the re-index job moves meanwhile either before or after the move.
+    pub async fn find_any(
+        &self,
+        path: &'static str,
+        digests: &[[u8; 32]],
+        limit: u32,
+    ) -> Result<Vec<super::Found>, StoreError> {
+        type Row = (Vec<u8>, Option<Vec<u8>>, Option<i64>);
+        let rows: Vec<Row> = on_pool!(&self.backend, pool => {
+            let mut q = sqlx::QueryBuilder::new(
+                "SELECT DISTINCT b.subject_id, s.retention, s.restricted_at FROM blind_index b \
+                 JOIN subjects s ON s.id = b.subject_id WHERE b.path = ",
+            );
+            q.push_bind(path);
+            q.push(" AND b.digest IN (");
+            let mut list = q.separated(", ");
+            for digest in digests {
+                list.push_bind(digest.to_vec());
+            }
+            q.push(") ORDER BY b.subject_id LIMIT ");
+            q.push_bind(i64::from(limit));
+            q.build_query_as::<Row>().fetch_all(pool).await
+        })?;
+        rows.into_iter()
+            .map(|(id, retention, restricted_at)| {
+                Ok(super::Found {
+                    id: uuid_from(&id)?,
+                    retention,
+                    restricted: restricted_at.is_some(),
+                })
+            })
+            .collect()
+    }
+
     /// Up to `limit` subjects with blind-index entries under a version older than `below`.
     pub async fn index_stale(&self, below: u32, limit: u32) -> Result<Vec<Uuid>, StoreError> {
         let ids: Vec<Vec<u8>> = on_pool!(&self.backend, pool => sqlx::query_scalar(

@@ -60,6 +60,10 @@ pub enum StoreError {
     /// names the reason and may be shown.
     #[error("{0}")]
     Refused(String),
+    /// The write used a key version the database has retired: the instance's keyring is stale
+    /// (it reloads; the caller may retry).
+    #[error("{0}")]
+    StaleKeyring(String),
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -461,6 +461,30 @@ macro_rules! delete_index_entry {
     };
 }
 
+/// Locks the row of KEK `version` until commit (a no-op update: PostgreSQL's row lock; SQLite's
+/// writer lock already serialises) and checks it is not retired, so a data key is never written
+/// under a KEK that a retirement committed or is committing; `Unavailable` otherwise (an instance
+/// whose keyring is stale: it reloads and the caller retries).
+macro_rules! lock_usable_kek {
+    ($conn:expr, $version:expr) => {
+        sqlx::query("UPDATE keys SET state = state WHERE kind = 'kek' AND version = $1 AND state <> 'retired'")
+            .bind(i64::from($version))
+            .execute(&mut *$conn)
+            .await
+            .map_err(StoreError::from)
+            .and_then(|done| {
+                if done.rows_affected() == 1 {
+                    Ok(())
+                } else {
+                    Err(StoreError::StaleKeyring(format!(
+                        "kek v{} is retired or unknown: this instance's keyring is stale; retry",
+                        $version
+                    )))
+                }
+            })
+    };
+}
+
 /// Inserts one blind-index entry of a subject; a taken username is `Duplicate`.
 macro_rules! insert_index_entry {
     ($conn:expr, $entry:expr, $subject:expr) => {
@@ -509,6 +533,12 @@ macro_rules! bulk_create {
                     .push_bind(row.updated_at);
             });
             q.build().execute(&mut *$conn).await.map_err(unique_violation)?;
+            let mut keks: Vec<u32> = rows.iter().map(|(row, _)| row.kek_version).collect();
+            keks.sort_unstable();
+            keks.dedup();
+            for kek in keks {
+                lock_usable_kek!($conn, kek)?;
+            }
             let mut q = sqlx::QueryBuilder::new(
                 "INSERT INTO data_keys (subject_id, dek_id, kek_version, wrapped_dek) ",
             );
@@ -1297,6 +1327,18 @@ macro_rules! apply_one {
                     Ok(WriteOutcome::CallerRevoked { found: true })
                 }
                 WriteOp::AddKeyVersion { row, at, demote } => {
+                    let root_usable: Option<i64> = sqlx::query_scalar(
+                        "SELECT version FROM root_key_checks WHERE version = $1 AND retired_at IS NULL",
+                    )
+                    .bind(row.root_version)
+                    .fetch_optional(&mut *$conn)
+                    .await?;
+                    if root_usable.is_none() {
+                        return Err(StoreError::StaleKeyring(format!(
+                            "root key v{} is retired or unknown: this instance's root keys are stale; retry",
+                            row.root_version
+                        )));
+                    }
                     if *demote {
                         sqlx::query("UPDATE keys SET state = 'decrypt-only' WHERE kind = $1 AND state = 'active'")
                             .bind(row.kind.clone())
@@ -1325,6 +1367,14 @@ macro_rules! apply_one {
                     Ok(WriteOutcome::KeyAdded)
                 }
                 WriteOp::RetireKey { kind, version, at } => {
+                    // Lock the key's row first (PostgreSQL): a create that locked it to write a
+                    // data key under it commits before the counts below are taken, each in a
+                    // snapshot of its own; one that comes later finds it retired.
+                    sqlx::query("UPDATE keys SET state = state WHERE kind = $1 AND version = $2")
+                        .bind(kind.clone())
+                        .bind(i64::from(*version))
+                        .execute(&mut *$conn)
+                        .await?;
                     let retired = sqlx::query(
                         "UPDATE keys SET state = 'retired', wrapped = $3, retired_at = $4 \
                          WHERE kind = $1 AND version = $2 AND state = 'decrypt-only' \
@@ -1447,8 +1497,11 @@ macro_rules! apply_one {
                 }
                 WriteOp::Reindex { id, read_version, entries } => {
                     let idb = id.as_bytes().to_vec();
+                    // A no-op update first: on PostgreSQL it locks the row until commit, so an
+                    // update or erasure of the subject waits for (or wins over) the re-index
+                    // instead of interleaving with it.
                     let keys: Option<Vec<u8>> = sqlx::query_scalar(
-                        "SELECT index_keys FROM subjects WHERE id = $1 AND version = $2",
+                        "UPDATE subjects SET version = version WHERE id = $1 AND version = $2 RETURNING index_keys",
                     )
                     .bind(idb.clone())
                     .bind(*read_version as i64)
@@ -1473,6 +1526,12 @@ macro_rules! apply_one {
                     Ok(WriteOutcome::Recorded)
                 }
                 WriteOp::Rewrap(rows) => {
+                    let mut targets: Vec<u32> = rows.iter().map(|r| r.new_version).collect();
+                    targets.sort_unstable();
+                    targets.dedup();
+                    for kek in targets {
+                        lock_usable_kek!($conn, kek)?;
+                    }
                     let mut count = 0;
                     for chunk in rows.chunks(1000) {
                         let mut q = sqlx::QueryBuilder::new(

@@ -236,6 +236,12 @@ async fn retiring_a_kek_is_refused_while_in_use_and_destroys_it_after() {
     // Right after the rotation another instance may not have loaded v2 yet.
     let err = retire(&app, 1).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("less than the keyring refresh interval"),
+        "{}",
+        err.message()
+    );
     tokio::time::sleep(Duration::from_millis(250)).await;
     let err = retire(&app, 1).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -453,6 +459,7 @@ fn kluis_keys(db: &TestDb, args: &[&str]) -> std::process::Output {
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("KLUIS_DATA_DIR", db.data_dir())
         .env("KLUIS_LOG", "warn")
+        .env("KLUIS_KEYRING_REFRESH_SECONDS", "0.2")
         .arg("keys")
         .args(args);
     if postgres_mode() {
@@ -489,6 +496,13 @@ async fn after_a_root_key_rotation_only_the_new_version_starts_kluis() {
     let out = kluis_keys(&db, &["retire-root", "--root-version", "2"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("newest"));
+    // Right after the rotation an instance may not have read v2 yet: refused for a moment.
+    let out = kluis_keys(&db, &["retire-root", "--root-version", "1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("less than the keyring refresh interval")
+    );
+    std::thread::sleep(Duration::from_millis(250));
     let out = kluis_keys(&db, &["retire-root", "--root-version", "1"]);
     assert!(
         out.status.success(),
@@ -745,6 +759,8 @@ async fn after_the_crypto_period_procedure_a_backup_of_an_erased_subject_is_unde
         &["rotate-root"][..],
         &["retire-root", "--root-version", "1"],
     ] {
+        // (after the rotation, the refresh interval passes before the retirement)
+        std::thread::sleep(Duration::from_millis(250));
         let out = kluis_keys(&db, args);
         assert!(
             out.status.success(),
@@ -1000,4 +1016,35 @@ async fn an_index_key_version_is_not_retired_while_a_subject_with_older_entries_
         .into_inner()
         .subject_ids;
     assert_eq!(by_username, std::slice::from_ref(id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_with_a_stale_keyring_cannot_wrap_under_a_retired_kek() {
+    let db = TestDb::new().await;
+    let a = spawn_with(db.clone(), keys_config(0)).await;
+    // B reloads its keyring only every minute (a misconfigured or cut-off instance).
+    let b = spawn_with(db.clone(), |args| {
+        args.keys.refresh_seconds = 60.0;
+        args.keys.rewrap_rate = 0;
+    })
+    .await;
+    let before = create_many(&b, 2).await;
+    assert_eq!(rotate(&a).await, 2);
+    a.keys.rewrap_all(0).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(retire(&a, 1).await.unwrap());
+    // B still wraps under v1: the database refuses, B reloads, and the retry works.
+    let err = b
+        .subjects()
+        .create_subject(pb::CreateSubjectRequest {
+            subject: Some(full_subject(&tag())),
+            source: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let after = b.create(full_subject(&tag())).await;
+    assert_eq!(data_keys(&status(&a).await), [(2, 3)]);
+    all_readable(&b, &before).await;
+    assert!(b.get(&after.id).await.is_ok());
 }
