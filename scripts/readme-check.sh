@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the README's grpcurl walkthrough against a live kluis, so the README cannot go stale.
+# Runs the README's grpcurl walkthrough and its Python client example (stubs generated from proto/)
+# against a live kluis, so the README cannot go stale.
 #
 # Contract with README.md: exactly one line `<!-- ci: grpcurl walkthrough -->`, immediately followed
 # by a line "```sh"; the block ends at the next "```" line. Inside it the commands use
@@ -134,3 +135,33 @@ if ! TOKEN=$TOKEN KLUIS_DATA_DIR=$data PATH="$root/target/debug:$PATH" \
     die "the README grpcurl walkthrough failed (see the command traced last above)"
 fi
 say "README walkthrough passed"
+
+# ---- the Python client example (proto/ → stubs → a live call sequence) ---------------------------
+# Contract with README.md: at most one line `<!-- ci: python interop -->`, immediately followed by
+# "```python"; the block ends at the next "```" line. It runs from a directory whose `gen` holds
+# the stubs generated from proto/ as the README says, with KLUIS_ADDR and KLUIS_TOKEN set.
+py_marker='<!-- ci: python interop -->'
+if grep -qxF -- "$py_marker" "$readme"; then
+    py_block=$(awk -v marker="$py_marker" '
+        state == 0 && $0 == marker { state = 1; next }
+        state == 1 { if ($0 == "```python") { state = 2; next } else { exit 3 } }
+        state == 2 && /^```[[:space:]]*$/ { state = 3; exit }
+        state == 2 { print }
+        END { if (state == 1) exit 3; if (state == 2) exit 4 }
+    ' "$readme") || die "the Python example after '$py_marker' in $readme is not a closed \`\`\`python block"
+    if ! python3 -c 'import grpc, grpc_tools' 2>/dev/null; then
+        say "grpcio or grpcio-tools missing: pip install grpcio grpcio-tools"
+        PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools
+        python3 -c 'import grpc, grpc_tools' || die "grpcio/grpcio-tools still missing after pip install"
+    fi
+    say "generating Python stubs from proto/ (grpc_tools.protoc)"
+    mkdir -p "$work/gen"
+    python3 -m grpc_tools.protoc -I proto --python_out="$work/gen" --grpc_python_out="$work/gen" proto/kluis/v1/*.proto
+    printf '%s\n' "$py_block" >"$work/interop.py"
+    say "running the README's Python example against $addr"
+    if ! (cd "$work" && KLUIS_ADDR=$addr KLUIS_TOKEN=$TOKEN timeout 120 python3 interop.py </dev/null); then
+        show_log
+        die "the README's Python example failed"
+    fi
+    say "README Python example passed"
+fi

@@ -3,7 +3,7 @@
 #
 #   phase 1  SQLite      KLUIS_TEST_BACKEND=sqlite cargo test --all-targets      (unit + integration)
 #   phase 2  PostgreSQL  KLUIS_TEST_BACKEND=postgres cargo test --test api       (integration, on PG)
-#   phase 3  README      bash scripts/readme-check.sh   (the README's grpcurl walkthrough, live)
+#   phase 3  README      bash scripts/readme-check.sh   (the README's grpcurl walkthrough and Python client, live)
 #
 # PostgreSQL comes from KLUIS_TEST_PG_URL (default postgres://postgres@127.0.0.1:5432/postgres);
 # each integration test creates its own fresh database there. When it is not reachable the
