@@ -3,7 +3,8 @@
 #
 #   phase 1  SQLite      KLUIS_TEST_BACKEND=sqlite cargo test --all-targets      (unit + integration)
 #   phase 2  PostgreSQL  KLUIS_TEST_BACKEND=postgres cargo test --test api       (integration, on PG)
-#   phase 3  README      bash scripts/readme-check.sh   (the README's grpcurl walkthrough and Python client, live)
+#   phase 3  README      bash scripts/readme-check.sh   (the README's grpcurl walkthrough and Python client,
+#                        and the grpcurl recipes of docs/operations.md, live)
 #
 # PostgreSQL comes from KLUIS_TEST_PG_URL (default postgres://postgres@127.0.0.1:5432/postgres);
 # each integration test creates its own fresh database there. When it is not reachable the
@@ -44,7 +45,7 @@ summary() {
         "$phase_sqlite" "$p1" "$f1" "$i1"
     printf '  phase 2 PostgreSQL (cargo test --test api)   : %s  [%d passed, %d failed, %d ignored]\n' \
         "$phase_postgres" "$p2" "$f2" "$i2"
-    printf '  phase 3 README     (scripts/readme-check.sh) : %s\n' "$phase_readme"
+    printf '  phase 3 README     (scripts/readme-check.sh) : %s  [README.md, docs/operations.md]\n' "$phase_readme"
     if [[ $rc -eq 0 ]]; then
         printf '  result: OK\n'
     else
@@ -133,8 +134,9 @@ else
 fi
 
 # ---- phase 3: README walkthrough ---------------------------------------------------------------
-say "phase 3: README — bash scripts/readme-check.sh"
+say "phase 3: README and docs/operations.md — bash scripts/readme-check.sh (each)"
 current=phase_readme
-bash scripts/readme-check.sh
+bash scripts/readme-check.sh README.md
+bash scripts/readme-check.sh docs/operations.md
 phase_readme="passed"
 current=""
