@@ -36,8 +36,11 @@ RUN groupadd --system --gid 10001 kluis \
 
 COPY --from=builder /out/kluis /usr/local/bin/kluis
 
+# Plaintext gRPC on the container's address (KLUIS_INSECURE, logged as a warning): publish the port
+# only to a TLS-terminating proxy on a network you trust.
 ENV KLUIS_DATA_DIR=/var/lib/kluis \
-    KLUIS_LISTEN=0.0.0.0:50051
+    KLUIS_LISTEN=0.0.0.0:50051 \
+    KLUIS_INSECURE=true
 
 # Declared after the directory is created and chowned, so a new volume starts owned by kluis.
 VOLUME /var/lib/kluis

@@ -71,6 +71,7 @@ impl Application {
 
     /// Builds with a given clock (tests pass an adjustable one to jump years ahead).
     pub async fn build_with_clock(args: &ServeArgs, clock: Clock) -> Result<Self, StartupError> {
+        check_plaintext(args)?;
         let data_dir = &args.storage.data_dir;
         fs::DirBuilder::new()
             .recursive(true)
@@ -315,6 +316,24 @@ async fn open_audit_trail_on(
         policy.version().to_owned(),
         checkpoint_settings(args),
     ))
+}
+
+/// Plaintext gRPC leaves the host only when the operator says so (`--insecure`), with a warning:
+/// the privacy statement promises secured connections.
+fn check_plaintext(args: &ServeArgs) -> Result<(), StartupError> {
+    if args.listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if !args.insecure {
+        return Err(StartupError::Config(format!(
+            "--listen {} is not a loopback address and kluis serves plaintext gRPC: put a \
+             TLS-terminating proxy in front and pass --insecure (KLUIS_INSECURE=true) to accept \
+             that, or listen on 127.0.0.1",
+            args.listen
+        )));
+    }
+    tracing::warn!(addr = %args.listen, "serving plaintext gRPC on a non-loopback address (--insecure): only behind a TLS-terminating proxy on a trusted network");
+    Ok(())
 }
 
 /// Keyring reloads and the re-wrap job's pace from the configuration.

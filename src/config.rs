@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, env = "KLUIS_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Allow plaintext gRPC on an address other than loopback (e.g. behind a TLS-terminating
+    /// proxy on a network you trust); logged as a warning. Without it such an address is refused.
+    #[arg(long, env = "KLUIS_INSECURE")]
+    pub insecure: bool,
     #[command(flatten)]
     pub storage: StorageArgs,
     /// Root key file; default `<data-dir>/root.key`, created (mode 0600) on first start.
@@ -280,6 +284,7 @@ impl ServeArgs {
     pub fn new(listen: SocketAddr, data_dir: PathBuf, database_url: Option<String>) -> Self {
         Self {
             listen,
+            insecure: false,
             storage: StorageArgs {
                 data_dir,
                 database_url,

@@ -562,3 +562,22 @@ async fn key_and_token_files_are_private_and_reused_on_restart() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_on_a_non_loopback_address_needs_an_explicit_insecure_flag() {
+    let db = crate::helpers::TestDb::new().await;
+    let mut args = serve_args(&db);
+    args.listen = "0.0.0.0:0".parse().unwrap();
+    let err = Application::build(&args)
+        .await
+        .err()
+        .expect("start-up must be refused");
+    assert!(matches!(err, StartupError::Config(_)), "{err}");
+    assert!(err.to_string().contains("--insecure"), "{err}");
+    // Refused before anything was touched: no key, no token, no database.
+    assert!(!db.data_dir().join("root.key").exists());
+    args.insecure = true;
+    let app = Application::build(&args).await.unwrap();
+    assert!(app.local_addr().ip().is_unspecified());
+    // On loopback no flag is needed (every other test).
+}
