@@ -281,8 +281,9 @@ pub async fn open_retention(args: &ServeArgs) -> Result<(Arc<Retention>, Store),
 /// the audit chain linked so rotations are audited; with the store, to close once done.
 pub async fn open_keys(args: &ServeArgs) -> Result<(Arc<Keys>, Store), StartupError> {
     let store = Store::open(&args.storage.database_url()).await?;
-    let trail = open_audit_trail_on(args, store.clone()).await?;
+    // The root keys are loaded once (a passphrase source runs Argon2id per version).
     let (roots, source) = load_root_keys(args, &store).await?;
+    let trail = audit_trail_with(args, store.clone(), &roots).await?;
     let keys = Keys::open(
         store.clone(),
         roots,
@@ -304,11 +305,19 @@ async fn open_audit_trail_on(
     args: &ServeArgs,
     store: Store,
 ) -> Result<Arc<AuditTrail>, StartupError> {
-    let policy = load_policy(args)?;
     let (roots, _) = load_root_keys(args, &store).await?;
-    open_keyring(&store, &roots).await?;
-    let keys = open_audit_keys(&store, &roots).await?;
-    drop(roots);
+    audit_trail_with(args, store, &roots).await
+}
+
+/// The audit trail with root keys already loaded (checked against the database here).
+async fn audit_trail_with(
+    args: &ServeArgs,
+    store: Store,
+    roots: &RootKeys,
+) -> Result<Arc<AuditTrail>, StartupError> {
+    let policy = load_policy(args)?;
+    open_keyring(&store, roots).await?;
+    let keys = open_audit_keys(&store, roots).await?;
     Ok(AuditTrail::new(
         store,
         keys.chain,

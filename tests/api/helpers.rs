@@ -491,7 +491,6 @@ impl TestApp {
         self.channel.clone()
     }
 
-    /// `sql` (a single count) against the test database.
     /// Every stored audit event body as text (to look for values that must not be there).
     pub async fn audit_bodies(&self) -> String {
         let raw = self.db.raw().await;

@@ -27,6 +27,12 @@ fn keys_config(rate: u32) -> impl FnOnce(&mut kluis::ServeArgs) {
     }
 }
 
+/// An instance that reloads its keyring only every minute, its jobs off.
+fn stale_config(args: &mut kluis::ServeArgs) {
+    args.keys.refresh_seconds = 60.0;
+    args.keys.rewrap_rate = 0;
+}
+
 async fn status(app: &TestApp) -> pb::KeyStatusResponse {
     app.admin()
         .key_status(pb::KeyStatusRequest { backup_time: None })
@@ -325,11 +331,7 @@ async fn a_second_instance_reads_subjects_wrapped_under_a_kek_it_had_not_loaded(
     let db = TestDb::new().await;
     // B reloads only every minute: it must notice the new version by itself on a read.
     let a = spawn_with(db.clone(), keys_config(0)).await;
-    let b = spawn_with(db.clone(), |args| {
-        args.keys.refresh_seconds = 60.0;
-        args.keys.rewrap_rate = 0;
-    })
-    .await;
+    let b = spawn_with(db.clone(), stale_config).await;
     assert_eq!(rotate(&a).await, 2);
     let subject = a.create(full_subject(&tag())).await;
     let got = b.get(&subject.id).await.unwrap();
@@ -1023,11 +1025,7 @@ async fn an_instance_with_a_stale_keyring_cannot_wrap_under_a_retired_kek() {
     let db = TestDb::new().await;
     let a = spawn_with(db.clone(), keys_config(0)).await;
     // B reloads its keyring only every minute (a misconfigured or cut-off instance).
-    let b = spawn_with(db.clone(), |args| {
-        args.keys.refresh_seconds = 60.0;
-        args.keys.rewrap_rate = 0;
-    })
-    .await;
+    let b = spawn_with(db.clone(), stale_config).await;
     let before = create_many(&b, 2).await;
     assert_eq!(rotate(&a).await, 2);
     a.keys.rewrap_all(0).await.unwrap();

@@ -15,7 +15,7 @@ use prost_types::Timestamp;
 use tonic::{Code, Status};
 
 use crate::helpers::{
-    Raw, Retention, Subjects, TestApp, TestDb, captured_logs, full_subject, spawn_with, tag,
+    Retention, Subjects, TestApp, TestDb, captured_logs, full_subject, spawn_with, tag,
 };
 
 const SECOND_US: i64 = 1_000_000;
@@ -1464,23 +1464,7 @@ async fn retention_calls_leave_no_personal_value_in_logs_or_audit_events() {
     assert_eq!(swept.subjects_purged, 1, "{swept:?}");
     report(&app).await;
 
-    let raw = app.db.raw().await;
-    let bodies: Vec<Vec<u8>> = match &raw {
-        Raw::Sqlite(p) => sqlx::query_scalar("SELECT body FROM audit_events")
-            .fetch_all(p)
-            .await
-            .unwrap(),
-        Raw::Pg(p) => sqlx::query_scalar("SELECT body FROM audit_events")
-            .fetch_all(p)
-            .await
-            .unwrap(),
-    };
-    raw.close().await;
-    let stored = bodies
-        .iter()
-        .map(|b| String::from_utf8_lossy(b).into_owned())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let stored = app.audit_bodies().await;
     let queried = format!(
         "{:?}",
         app.audit_events(pb::QueryAuditLogRequest::default()).await
