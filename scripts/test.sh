@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command of kluis:  bash scripts/test.sh [extra cargo test args, e.g. a test-name filter]
 #
-#   phase 1  SQLite      KLUIS_TEST_BACKEND=sqlite cargo test --all-targets      (unit + integration)
+#   phase 1  SQLite      KLUIS_TEST_BACKEND=sqlite cargo test --workspace --all-targets      (unit + integration)
 #   phase 2  PostgreSQL  KLUIS_TEST_BACKEND=postgres cargo test --test api       (integration, on PG)
 #   phase 3  README      bash scripts/readme-check.sh   (the README's grpcurl walkthrough and Python client,
 #                        and the grpcurl recipes of docs/operations.md, live)
@@ -41,7 +41,7 @@ summary() {
     read -r p2 f2 i2 < <(count_tests "$logdir/postgres.log")
     rm -rf "$logdir"
     printf '\n==== test.sh summary ====\n'
-    printf '  phase 1 SQLite     (cargo test --all-targets): %s  [%d passed, %d failed, %d ignored]\n' \
+    printf '  phase 1 SQLite     (cargo test --workspace --all-targets): %s  [%d passed, %d failed, %d ignored]\n' \
         "$phase_sqlite" "$p1" "$f1" "$i1"
     printf '  phase 2 PostgreSQL (cargo test --test api)   : %s  [%d passed, %d failed, %d ignored]\n' \
         "$phase_postgres" "$p2" "$f2" "$i2"
@@ -108,9 +108,9 @@ if [[ "${CI:-}" == "true" ]] && ! pg_reachable; then
 fi
 
 # ---- phase 1: SQLite ---------------------------------------------------------------------------
-say "phase 1: SQLite — KLUIS_TEST_BACKEND=sqlite cargo test --all-targets $*"
+say "phase 1: SQLite — KLUIS_TEST_BACKEND=sqlite cargo test --workspace --all-targets $*"
 current=phase_sqlite
-KLUIS_TEST_BACKEND=sqlite cargo test --all-targets "$@" | tee "$logdir/sqlite.log"
+KLUIS_TEST_BACKEND=sqlite cargo test --workspace --all-targets "$@" | tee "$logdir/sqlite.log"
 phase_sqlite="passed"
 current=""
 

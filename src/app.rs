@@ -7,7 +7,10 @@ use tokio::net::TcpListener;
 use zeroize::Zeroizing;
 
 use crate::{
-    api,
+    api::{
+        self,
+        tls::{Tls, TlsSettings},
+    },
     audit::{AuditTrail, CheckpointSettings},
     clock::Clock,
     config::ServeArgs,
@@ -58,6 +61,7 @@ pub enum StartupError {
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
+    tls: Option<Arc<Tls>>,
     store: Store,
     services: api::Services,
     calls: api::Calls,
@@ -72,6 +76,11 @@ impl Application {
     /// Builds with a given clock (tests pass an adjustable one to jump years ahead).
     pub async fn build_with_clock(args: &ServeArgs, clock: Clock) -> Result<Self, StartupError> {
         check_plaintext(args)?;
+        // Bad TLS files stop start-up before the database is touched.
+        let tls = tls_settings(args)?
+            .map(Tls::load)
+            .transpose()
+            .map_err(|e| StartupError::Config(format!("TLS: {e}")))?;
         let data_dir = &args.storage.data_dir;
         fs::DirBuilder::new()
             .recursive(true)
@@ -189,6 +198,7 @@ impl Application {
         Ok(Self {
             listener,
             local_addr,
+            tls,
             store,
             services: api::Services {
                 vault,
@@ -239,7 +249,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartupError> {
-        tracing::info!(addr = %self.local_addr, backend = self.store.backend_name(), "kluis serving");
+        tracing::info!(addr = %self.local_addr, backend = self.store.backend_name(), tls = self.tls.is_some(), "kluis serving");
         let failures = self.failures.clone();
         let trail = self.calls.trail.clone();
         let result = api::serve(
@@ -247,6 +257,7 @@ impl Application {
             self.services,
             self.calls,
             self.failures,
+            self.tls,
             shutdown,
         )
         .await;
@@ -330,7 +341,7 @@ async fn audit_trail_with(
 /// Plaintext gRPC leaves the host only when the operator says so (`--insecure`), with a warning:
 /// the privacy statement promises secured connections.
 fn check_plaintext(args: &ServeArgs) -> Result<(), StartupError> {
-    if args.listen.ip().is_loopback() {
+    if args.listen.ip().is_loopback() || args.tls.tls_cert.is_some() {
         return Ok(());
     }
     if !args.insecure {
@@ -343,6 +354,40 @@ fn check_plaintext(args: &ServeArgs) -> Result<(), StartupError> {
     }
     tracing::warn!(addr = %args.listen, "serving plaintext gRPC on a non-loopback address (--insecure): only behind a TLS-terminating proxy on a trusted network");
     Ok(())
+}
+
+/// The TLS settings, if a certificate is configured; `DNS-NAME=ROLE` mappings are checked here.
+pub fn tls_settings(args: &ServeArgs) -> Result<Option<TlsSettings>, StartupError> {
+    let t = &args.tls;
+    let (Some(cert), Some(key)) = (&t.tls_cert, &t.tls_key) else {
+        return Ok(None);
+    };
+    let mut client_roles = std::collections::HashMap::new();
+    for mapping in &t.tls_client_roles {
+        let bad = || {
+            StartupError::Config(format!(
+                "--tls-client-role {mapping:?}: expected DNS-NAME=ROLE with ROLE one of {}",
+                crate::policy::Role::ALL.map(|r| r.as_str()).join(", ")
+            ))
+        };
+        let (name, role) = mapping.split_once('=').ok_or_else(bad)?;
+        let role: crate::policy::Role = role.trim().parse().map_err(|_| bad())?;
+        let name = name.trim().to_ascii_lowercase();
+        if name.is_empty() || client_roles.insert(name.clone(), role).is_some() {
+            return Err(StartupError::Config(format!(
+                "--tls-client-role {mapping:?}: empty or repeated DNS name"
+            )));
+        }
+    }
+    Ok(Some(TlsSettings {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: t.tls_client_ca.clone(),
+        client_cert_required: t.tls_client_cert_required,
+        client_roles,
+        poll: (t.tls_reload_seconds > 0)
+            .then(|| std::time::Duration::from_secs(t.tls_reload_seconds)),
+    }))
 }
 
 /// Keyring reloads and the re-wrap job's pace from the configuration.

@@ -35,6 +35,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KLUIS_INSECURE")]
     pub insecure: bool,
     #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
     pub storage: StorageArgs,
     /// Root key file; default `<data-dir>/root.key`, created (mode 0600) on first start.
     #[arg(long, env = "KLUIS_KEY_FILE")]
@@ -61,6 +63,43 @@ pub struct ServeArgs {
     pub password: PasswordArgs,
     #[command(flatten)]
     pub keys: KeyArgs,
+}
+
+/// TLS on the gRPC listener (rustls; TLS 1.2 and 1.3), and client certificates (mTLS).
+#[derive(Clone, Debug, Default, Args)]
+pub struct TlsArgs {
+    /// PEM certificate chain (leaf first); with `--tls-key` kluis serves TLS only. Re-read on
+    /// SIGHUP and when the file changes.
+    #[arg(long, env = "KLUIS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the certificate (keep it mode 0600).
+    #[arg(long, env = "KLUIS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) that sign client certificates: clients may present one (mTLS);
+    /// a client certificate that does not chain to it, or has expired, is refused at the handshake.
+    #[arg(long, env = "KLUIS_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Refuse every handshake without a valid client certificate (with `--tls-client-ca`).
+    #[arg(
+        long,
+        env = "KLUIS_TLS_CLIENT_CERT_REQUIRED",
+        requires = "tls_client_ca"
+    )]
+    pub tls_client_cert_required: bool,
+    /// `DNS-NAME=ROLE`: a verified client certificate with this DNS name (subject alternative
+    /// name) authenticates a caller with this role when the call has no bearer token. Repeat the
+    /// flag, or separate with commas in the environment variable.
+    #[arg(
+        long = "tls-client-role",
+        env = "KLUIS_TLS_CLIENT_ROLES",
+        value_delimiter = ',',
+        requires = "tls_client_ca"
+    )]
+    pub tls_client_roles: Vec<String>,
+    /// Seconds between checks of the certificate, key and client-CA files for changes (0: reload
+    /// on SIGHUP only).
+    #[arg(long, env = "KLUIS_TLS_RELOAD_SECONDS", default_value_t = 10)]
+    pub tls_reload_seconds: u64,
 }
 
 /// How the keyring is kept current across instances and how fast data keys are re-wrapped after
@@ -285,6 +324,7 @@ impl ServeArgs {
         Self {
             listen,
             insecure: false,
+            tls: TlsArgs::default(),
             storage: StorageArgs {
                 data_dir,
                 database_url,

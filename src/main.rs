@@ -37,6 +37,12 @@ enum Command {
         /// loopback), else 127.0.0.1:50051.
         #[arg(long, env = "KLUIS_HEALTH_ADDR")]
         addr: Option<SocketAddr>,
+        /// Speak TLS, trusting this PEM CA (a self-signed server certificate is its own CA).
+        #[arg(long, env = "KLUIS_HEALTH_CA")]
+        ca: Option<std::path::PathBuf>,
+        /// The name the server certificate must carry (default `localhost`).
+        #[arg(long, env = "KLUIS_HEALTH_TLS_NAME", default_value = "localhost")]
+        tls_name: String,
     },
     /// Apply pending database migrations and exit.
     Migrate(StorageArgs),
@@ -231,9 +237,16 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Health { addr } => {
+        Command::Health { addr, ca, tls_name } => {
             let addr = addr.unwrap_or_else(serve_addr);
-            health(addr).await
+            let tls = match ca {
+                Some(path) => Some((
+                    std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?,
+                    tls_name,
+                )),
+                None => None,
+            };
+            health(addr, tls).await
         }
         Command::Migrate(storage) => {
             std::fs::create_dir_all(&storage.data_dir).map_err(|e| e.to_string())?;
@@ -580,8 +593,8 @@ fn serve_addr() -> SocketAddr {
     addr
 }
 
-async fn health(addr: SocketAddr) -> Result<ExitCode, String> {
-    match kluis::api::check_health(addr).await {
+async fn health(addr: SocketAddr, tls: Option<(Vec<u8>, String)>) -> Result<ExitCode, String> {
+    match kluis::api::check_health(addr, tls).await {
         Ok(true) => {
             println!("SERVING");
             Ok(ExitCode::SUCCESS)

@@ -98,11 +98,12 @@ fn filter(
         ));
     }
     if let Some(caller) = text(&req.caller)
-        && (caller.len() != 16 || !caller.bytes().all(|b| b.is_ascii_hexdigit()))
+        && !crate::domain::Caller::is_valid_id(&caller)
     {
         return Err(DomainError::invalid(
             "caller",
-            "a caller id (16 hex digits, as ListCallers shows), not a name",
+            "a caller id (16 hex digits, as ListCallers shows, or tls:<certificate DNS name>), \
+             not a name",
         ));
     }
     let subject = match text(&req.subject_id) {

@@ -14,7 +14,9 @@ use http::{HeaderValue, Request, Response};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use super::status::to_status;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use super::{status::to_status, tls::Tls};
 use crate::{
     audit::{AuditEvent, AuditTrail, FORMAT_VERSION},
     clock::now_us,
@@ -166,6 +168,7 @@ pub struct AuthLayer {
     callers: Arc<Callers>,
     failures: Arc<FailedAuthentications>,
     calls: super::call::Calls,
+    tls: Option<Arc<Tls>>,
 }
 
 impl AuthLayer {
@@ -173,11 +176,13 @@ impl AuthLayer {
         callers: Arc<Callers>,
         failures: Arc<FailedAuthentications>,
         calls: super::call::Calls,
+        tls: Option<Arc<Tls>>,
     ) -> Self {
         Self {
             callers,
             failures,
             calls,
+            tls,
         }
     }
 }
@@ -190,6 +195,7 @@ impl<S> Layer<S> for AuthLayer {
             callers: self.callers.clone(),
             failures: self.failures.clone(),
             calls: self.calls.clone(),
+            tls: self.tls.clone(),
         }
     }
 }
@@ -200,6 +206,31 @@ pub struct AuthService<S> {
     callers: Arc<Callers>,
     failures: Arc<FailedAuthentications>,
     calls: super::call::Calls,
+    tls: Option<Arc<Tls>>,
+}
+
+/// The caller a verified client certificate stands for, when the configuration maps one of its
+/// DNS names to a role.
+fn certificate_caller<B>(tls: Option<&Tls>, request: &Request<B>) -> Option<Caller> {
+    let certs = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?
+        .peer_certs()?;
+    let (name, role) = tls?.client_role(certs.first()?)?;
+    Some(Caller::from_certificate(&name, role))
+}
+
+/// The client's address, on a plaintext or a TLS connection.
+fn peer_address<B>(request: &Request<B>) -> String {
+    let ext = request.extensions();
+    ext.get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.get_ref().remote_addr())
+        })
+        .map(|addr| addr.to_string())
+        .unwrap_or_default()
 }
 
 /// A metadata value as text, if it is one.
@@ -235,6 +266,7 @@ where
         let callers = self.callers.clone();
         let failures = self.failures.clone();
         let calls = self.calls.clone();
+        let tls = self.tls.clone();
         let method = request.uri().path().to_owned();
         if is_public(&method) {
             return Box::pin(inner.call(request));
@@ -248,13 +280,14 @@ where
                     .headers()
                     .get(http::header::AUTHORIZATION)
                     .map(|v| v.to_str().unwrap_or("\u{0}"));
-                let peer = request
-                    .extensions()
-                    .get::<tonic::transport::server::TcpConnectInfo>()
-                    .and_then(|info| info.remote_addr())
-                    .map(|addr| addr.to_string())
-                    .unwrap_or_default();
-                let mut response = match callers.authenticate(header).await {
+                let peer = peer_address(&request);
+                // A bearer token decides the caller; without one, a client certificate the
+                // configuration maps to a role does.
+                let authenticated = match (header, certificate_caller(tls.as_deref(), &request)) {
+                    (None, Some(caller)) => Ok(caller),
+                    (header, _) => callers.authenticate(header).await,
+                };
+                let mut response = match authenticated {
                     Ok(caller) => {
                         let span = tracing::Span::current();
                         span.record("caller", caller.name.as_str());

@@ -13,6 +13,7 @@ mod retention;
 mod rights;
 mod status;
 mod subject;
+pub mod tls;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -52,6 +53,7 @@ pub async fn serve(
     services: Services,
     calls: Calls,
     failures: Arc<FailedAuthentications>,
+    tls: Option<Arc<tls::Tls>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let Services {
@@ -145,11 +147,11 @@ pub async fn serve(
     )
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
-    Server::builder()
+    let router = Server::builder()
         // Bounds the calls one connection can have in flight (and the memory they hold); a client
         // with more waits for a free stream instead of queueing inside kluis.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .layer(auth::AuthLayer::new(callers, failures, calls))
+        .layer(auth::AuthLayer::new(callers, failures, calls, tls.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -160,15 +162,26 @@ pub async fn serve(
         .add_service(retention)
         .add_service(rights)
         .add_service(disclosures)
-        .add_service(credentials)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await
-        .map_err(|e| ServeError(e.to_string()))
+        .add_service(credentials);
+    let served = match tls {
+        Some(tls) => {
+            tls.spawn_reloader();
+            router
+                .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(tcp_incoming(listener), shutdown)
+                .await
+        }
+    };
+    served.map_err(|e| ServeError(e.to_string()))
 }
 
 /// Accepted connections with Nagle off (small gRPC frames must not wait for delayed ACKs) and TCP
 /// keepalive on. `Server::tcp_nodelay` only applies to listeners tonic binds itself.
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+fn tcp_incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(60)))
@@ -179,13 +192,28 @@ fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
 #[error("gRPC server: {0}")]
 pub struct ServeError(String);
 
-/// Connects a health-protocol client to `addr` and asks whether the server is serving.
-pub async fn check_health(addr: SocketAddr) -> Result<bool, ServeError> {
+/// Connects a health-protocol client to `addr` and asks whether the server is serving; over TLS
+/// when given a CA certificate (PEM) and the name the server's certificate carries.
+pub async fn check_health(
+    addr: SocketAddr,
+    tls: Option<(Vec<u8>, String)>,
+) -> Result<bool, ServeError> {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| ServeError(e.to_string()))?
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|e| ServeError(e.to_string()))?;
+    if let Some((ca, name)) = tls {
+        endpoint = endpoint
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                    .domain_name(name),
+            )
+            .map_err(|e| ServeError(e.to_string()))?;
+    }
+    let channel = endpoint
         .connect_timeout(std::time::Duration::from_secs(3))
         .timeout(std::time::Duration::from_secs(5))
         .connect()

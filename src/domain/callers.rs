@@ -32,6 +32,9 @@ impl From<crate::policy::UnknownRole> for DomainError {
     }
 }
 
+/// The id prefix of callers authenticated by a client certificate.
+pub const CERTIFICATE_CALLER_PREFIX: &str = "tls:";
+
 /// The authenticated caller of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -41,6 +44,29 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// A caller authenticated by a verified client certificate whose DNS name the configuration
+    /// maps to `role`; its id is `tls:<name>` (token callers have 16 hex digits).
+    pub fn from_certificate(name: &str, role: Role) -> Self {
+        Self {
+            id: format!("{CERTIFICATE_CALLER_PREFIX}{name}"),
+            name: name.to_owned(),
+            role,
+        }
+    }
+
+    /// Whether `id` has the form of a caller id: a token's 16 hex digits, or `tls:<dns name>`.
+    pub fn is_valid_id(id: &str) -> bool {
+        match id.strip_prefix(CERTIFICATE_CALLER_PREFIX) {
+            Some(name) => {
+                !name.is_empty()
+                    && name.len() <= 253
+                    && name.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'
+                    })
+            }
+            None => id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        }
+    }
     /// Refuses the call unless the caller is an operator.
     pub fn require_operator(&self, what: &str) -> Result<(), DomainError> {
         if self.role == Role::Operator {

@@ -236,7 +236,7 @@ async fn every_call_is_audited_with_purpose_paths_outcome_and_policy_version() {
 async fn health_and_reflection_are_not_audited() {
     let app = spawn_kluis().await;
     for _ in 0..3 {
-        assert!(kluis::api::check_health(app.addr).await.unwrap());
+        assert!(kluis::api::check_health(app.addr, None).await.unwrap());
     }
     let count = app.raw_count("SELECT COUNT(*) FROM audit_events").await;
     assert_eq!(count, 0, "health checks left audit events");

@@ -11,7 +11,7 @@ use tonic::Code;
 
 use crate::helpers::{TestDb, postgres_mode, spawn_on};
 
-fn kluis(db: &TestDb) -> Command {
+pub fn kluis(db: &TestDb) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kluis"));
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())

@@ -364,11 +364,10 @@ pub async fn spawn_with(db: Arc<TestDb>, configure: impl FnOnce(&mut ServeArgs))
         .unwrap()
         .trim()
         .to_owned();
+    // Lazy: a server serving TLS gets its channel from the test (`use_channel`).
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
-        .connect()
-        .await
-        .unwrap();
+        .connect_lazy();
     TestApp {
         addr,
         operator_token,
@@ -489,6 +488,11 @@ impl TestApp {
     /// The client channel to this server.
     pub fn channel(&self) -> Channel {
         self.channel.clone()
+    }
+
+    /// Makes every client of this app use `channel` (e.g. a TLS channel).
+    pub fn use_channel(&mut self, channel: Channel) {
+        self.channel = channel;
     }
 
     /// Every stored audit event body as text (to look for values that must not be there).

@@ -14,4 +14,5 @@ mod retention;
 mod rights;
 mod security;
 mod subjects;
+mod tls;
 mod validation;

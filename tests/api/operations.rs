@@ -75,7 +75,7 @@ async fn two_servers_on_one_database_read_each_others_subjects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_answer_without_a_token() {
     let app = spawn_kluis().await;
-    assert!(kluis::api::check_health(app.addr).await.unwrap());
+    assert!(kluis::api::check_health(app.addr, None).await.unwrap());
 
     use tonic_reflection::pb::v1alpha::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
