@@ -1,43 +1,8 @@
-//! Generates the gRPC code and the descriptor set for server reflection from `proto/`.
+//! Generates the gRPC services and clients and the descriptor set for server reflection from
+//! `proto/`. The messages are not generated here: they come from `kluis_client::pb` (one set of
+//! types, with the redacted `Debug` the client crate gives every message holding personal data).
 
 use std::{env, error::Error, path::PathBuf};
-
-/// Messages that carry personal data or secrets: prost derives no `Debug` for them, so a stray
-/// `{:?}` cannot print a value; `src/api/pb.rs` gives each a redacted `Debug` instead.
-const REDACTED: &[&str] = &[
-    ".kluis.v1.Subject",
-    ".kluis.v1.Name",
-    ".kluis.v1.Address",
-    ".kluis.v1.Contact",
-    ".kluis.v1.IpAddressRecord",
-    ".kluis.v1.Billing",
-    ".kluis.v1.Payment",
-    ".kluis.v1.Profile",
-    ".kluis.v1.Account",
-    ".kluis.v1.ActivityEntry",
-    ".kluis.v1.CreateSubjectRequest",
-    ".kluis.v1.CreateSubjectResponse",
-    ".kluis.v1.GetSubjectResponse",
-    ".kluis.v1.UpdateSubjectRequest",
-    ".kluis.v1.UpdateSubjectResponse",
-    ".kluis.v1.FindSubjectsRequest",
-    ".kluis.v1.FindSubjectsRequest.key",
-    ".kluis.v1.BatchGetSubjectsResponse",
-    ".kluis.v1.BatchGetSubjectsResult",
-    ".kluis.v1.BatchGetSubjectsResult.result",
-    ".kluis.v1.CreateCallerTokenResponse",
-    ".kluis.v1.MaskedValue",
-    ".kluis.v1.RecordActivityRequest",
-    ".kluis.v1.MarketingRecipient",
-    ".kluis.v1.ListMarketingAudienceResponse",
-    ".kluis.v1.RedeemUnsubscribeTokenRequest",
-    ".kluis.v1.RectifySubjectRequest",
-    ".kluis.v1.RectifySubjectResponse",
-    ".kluis.v1.ExportSubjectDataResponse",
-    ".kluis.v1.SetPasswordRequest",
-    ".kluis.v1.VerifyPasswordRequest",
-    ".kluis.v1.ChangePasswordRequest",
-];
 
 fn main() -> Result<(), Box<dyn Error>> {
     // A fresh machine has no protoc: take the vendored one unless PROTOC points elsewhere.
@@ -62,7 +27,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     config.protoc_executable(protoc);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("kluis_descriptor.bin"))
-        .skip_debug(REDACTED.iter().copied())
+        .extern_path(".kluis.v1", "::kluis_client::pb")
         .compile_with_config(
             config,
             &protos.map(PathBuf::from),

@@ -4,6 +4,7 @@
 
 mod audit;
 mod cli;
+mod client;
 mod consent;
 mod credentials;
 mod helpers;
