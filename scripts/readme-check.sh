@@ -4,8 +4,8 @@
 #
 # Contract with README.md: exactly one line `<!-- ci: grpcurl walkthrough -->`, immediately followed
 # by a line "```sh"; the block ends at the next "```" line. Inside it the commands use
-# 127.0.0.1:50051 as the address (replaced here by the test server's address) and $TOKEN as the
-# operator token, may set shell variables (e.g. ID=$(grpcurl ... | jq -r .subject.id)) and run
+# 127.0.0.1:50051 as the address (replaced here by the test server's address; 127.0.0.1:50443, for a
+# server the block starts itself, by another free port) and $TOKEN as the operator token, may set shell variables (e.g. ID=$(grpcurl ... | jq -r .subject.id)) and run
 # under `bash -euo pipefail -x` from the repository root. Also available to them: jq, python3,
 # `kluis` (the freshly built debug binary, on PATH) and KLUIS_DATA_DIR (the server's data dir).
 #
@@ -91,8 +91,12 @@ show_log() {
     printf -- '---- end of server log ----\n' >&2
 }
 
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
-addr=127.0.0.1:$port
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+addr=127.0.0.1:$(free_port)
+# A block may start a second kluis of its own (the TLS recipe) on 127.0.0.1:50443: a free port too.
+second_addr=127.0.0.1:$(free_port)
 
 # A hermetic server: no KLUIS_* setting of the caller's environment leaks into it.
 while read -r var; do unset "$var"; done < <(compgen -e | grep '^KLUIS_' || true)
@@ -125,7 +129,8 @@ TOKEN=$(cat "$data/operator.token")
 script=$work/walkthrough.sh
 {
     printf 'PS4=%q\n' '+ readme$ '    # bash (as root) does not take PS4 from the environment
-    printf '%s\n' "${block//127.0.0.1:50051/$addr}"
+    block=${block//127.0.0.1:50051/$addr}
+    printf '%s\n' "${block//127.0.0.1:50443/$second_addr}"
 } >"$script"
 
 say "running the README walkthrough against $addr"

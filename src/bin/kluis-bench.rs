@@ -47,6 +47,10 @@
 //! after a second rotation (targets: ≥ 10,000 data keys/s while get keeps ≥ 70 % of its rate).
 //! The job's rate is read from `KeyStatus` at the start and end of the get measurement.
 //!
+//! `--tls` adds the transport benchmark: the closed-loop `get` over plaintext, then the spawned
+//! server is restarted on the same data serving TLS with a self-signed certificate made here, and
+//! the same `get` runs over TLS (target: TLS keeps >= 85 % of the plaintext rate).
+//!
 //! A PostgreSQL database that already has a root key needs `KLUIS_ROOT_KEY` (the spawned server
 //! inherits the environment) and, when it already has callers, `--token`.
 
@@ -76,7 +80,7 @@ use tonic::{
     Request, Status,
     metadata::{Ascii, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -163,6 +167,11 @@ struct Cli {
     /// key, alone and under the closed-loop get (needs seeded subjects).
     #[arg(long)]
     rewrap: bool,
+    /// Also measure `get` over TLS: the closed-loop get over plaintext, then the spawned server
+    /// restarted on the same data with a certificate made here and the same get over TLS
+    /// (target: TLS keeps >= 85 % of the plaintext rate). Needs a spawned server.
+    #[arg(long)]
+    tls: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -295,6 +304,11 @@ fn validate(cli: &Cli) -> Result<(), BoxError> {
     }
     let needs_seed = (cli.mode.closed() && cli.scenarios.iter().any(|s| s.needs_seed()))
         || (cli.mode.rate() && cli.rate_scenario.needs_seed());
+    if cli.tls && (cli.addr.is_some() || cli.seed == 0) {
+        return Err(fail(
+            "--tls needs a spawned server (no --addr) and --seed 1 or more (for get)",
+        ));
+    }
     if cli.rewrap && cli.seed == 0 {
         return Err(fail("--rewrap needs --seed 1 or more"));
     }
@@ -355,7 +369,7 @@ async fn bench(
         cli.duration
     );
 
-    let conns = connect(&uri, &token, &cli.purpose, &cli.reason, cli.channels).await?;
+    let conns = connect(&uri, None, &token, &cli.purpose, &cli.reason, cli.channels).await?;
     let counter = Arc::new(AtomicU64::new(0));
     let mut report = Report::default();
 
@@ -460,6 +474,12 @@ async fn bench(
         }
     }
 
+    if cli.tls
+        && let Some(s) = server.as_deref_mut()
+    {
+        tls_bench(cli, s, &token, &conns, &ctx, &mut report).await?;
+    }
+
     if let Some(s) = server.as_deref() {
         report.rss_end = proc_memory(s.pid());
     }
@@ -509,6 +529,7 @@ struct Conn {
 
 async fn connect(
     uri: &str,
+    tls: Option<&ClientTlsConfig>,
     token: &str,
     purpose: &str,
     reason: &str,
@@ -525,10 +546,13 @@ async fn connect(
             .parse()
             .map_err(|_| fail("--reason is not valid in a header"))?,
     };
-    let endpoint = Endpoint::from_shared(uri.to_owned())?
+    let mut endpoint = Endpoint::from_shared(uri.to_owned())?
         .connect_timeout(Duration::from_secs(5))
         .timeout(CALL_TIMEOUT)
         .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone())?;
+    }
     let mut conns = Vec::with_capacity(channels);
     for _ in 0..channels {
         // Every `connect` opens its own HTTP/2 connection.
@@ -1517,6 +1541,8 @@ impl Row {
 #[derive(Default)]
 struct Report {
     rows: Vec<Row>,
+    /// `--tls`: get/s over plaintext and over TLS, and the errors of both runs.
+    tls: Option<(f64, f64, u64)>,
     rss_after_seed: Option<(f64, f64)>,
     rss_end: Option<(f64, f64)>,
 }
@@ -1679,6 +1705,22 @@ impl Report {
             None => println!("{label} not measured"),
         }
 
+        if let Some((plain, tls, errors)) = self.tls {
+            let pct = if plain > 0.0 {
+                100.0 * tls / plain
+            } else {
+                0.0
+            };
+            println!(
+                "target get over TLS >= {TLS_MIN_PCT:.0}% of plaintext: {tls:.0}/s vs {plain:.0}/s = {pct:.1}% {}",
+                verdict(pct >= TLS_MIN_PCT && errors == 0, || format!(
+                    "{:.1} points{}",
+                    (TLS_MIN_PCT - pct).max(0.0),
+                    errors_note(errors)
+                ))
+            );
+        }
+
         let label = "target server RSS <= 150 MB:";
         match self.rss_end {
             Some((_, hwm)) => println!(
@@ -1707,6 +1749,71 @@ fn errors_note(errors: u64) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------------------------
+
+/// The target: at 64 concurrent gets, TLS keeps this share of the plaintext rate.
+const TLS_MIN_PCT: f64 = 85.0;
+
+/// The closed-loop get over plaintext, then over TLS after restarting the server with a
+/// certificate, on the same data and with the same load; prints both and their ratio.
+async fn tls_bench(
+    cli: &Cli,
+    server: &mut ServerGuard,
+    token: &str,
+    conns: &[Conn],
+    ctx: &Arc<Context>,
+    report: &mut Report,
+) -> Result<(), BoxError> {
+    let warmup = Duration::from_secs_f64(cli.warmup);
+    let duration = Duration::from_secs_f64(cli.duration);
+    let load = format!("{}c/{}ch", cli.concurrency, cli.channels);
+    eprintln!("TLS: get over plaintext, then over TLS on the restarted server ...");
+    let plain = closed_loop(Scenario::Get, conns, ctx, cli.concurrency, warmup, duration).await?;
+    report.push(Row::new(
+        "get/h2c",
+        "closed",
+        load.clone(),
+        &plain,
+        cli.duration,
+    ));
+    server.check_alive()?;
+
+    server.restart_with_tls(cli).await?;
+    eprintln!(
+        "restarted with TLS (pid {}) at {}",
+        server.pid(),
+        server.uri
+    );
+    let tls_conns = connect(
+        &server.uri,
+        server.tls.as_ref(),
+        token,
+        &cli.purpose,
+        &cli.reason,
+        cli.channels,
+    )
+    .await?;
+    let tls = closed_loop(
+        Scenario::Get,
+        &tls_conns,
+        ctx,
+        cli.concurrency,
+        warmup,
+        duration,
+    )
+    .await?;
+    report.push(Row::new("get/tls", "closed", load, &tls, cli.duration));
+    server.check_alive()?;
+    report.tls = Some((
+        report.rows[report.rows.len() - 2].rate,
+        report.rows[report.rows.len() - 1].rate,
+        plain.errors + tls.errors,
+    ));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // The spawned server
 // ---------------------------------------------------------------------------------------------
 
@@ -1717,12 +1824,44 @@ struct ServerGuard {
     dir: PathBuf,
     log: PathBuf,
     uri: String,
+    /// How clients reach a server started with TLS (`None`: plaintext).
+    tls: Option<ClientTlsConfig>,
     token: String,
     keep: bool,
 }
 
 impl ServerGuard {
     async fn spawn(cli: &Cli, run_id: &str) -> Result<Self, BoxError> {
+        let dir = std::env::temp_dir().join(format!("kluis-bench-{run_id}"));
+        Self::start(cli, dir, None).await
+    }
+
+    /// Stops this server and starts it again on the same data, serving TLS with a self-signed
+    /// certificate for `localhost` made here (written to the data directory).
+    async fn restart_with_tls(&mut self, cli: &Cli) -> Result<(), BoxError> {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+        let (cert_file, key_file) = (self.dir.join("tls.crt"), self.dir.join("tls.key"));
+        std::fs::write(&cert_file, cert.cert.pem())?;
+        std::fs::write(&key_file, cert.signing_key.serialize_pem())?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(cert.cert.pem()))
+            .domain_name("localhost");
+        // The old process goes first (one server per SQLite file); its data directory stays.
+        self.keep = true;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let restarted =
+            Self::start(cli, self.dir.clone(), Some((cert_file, key_file, tls))).await?;
+        let mut old = std::mem::replace(self, restarted);
+        old.keep = true;
+        Ok(())
+    }
+
+    async fn start(
+        cli: &Cli,
+        dir: PathBuf,
+        tls: Option<(PathBuf, PathBuf, ClientTlsConfig)>,
+    ) -> Result<Self, BoxError> {
         let exe = std::env::current_exe()?.with_file_name("kluis");
         if !exe.is_file() {
             return Err(fail(format!(
@@ -1730,7 +1869,6 @@ impl ServerGuard {
                 exe.display()
             )));
         }
-        let dir = std::env::temp_dir().join(format!("kluis-bench-{run_id}"));
         std::fs::create_dir_all(&dir)?;
         let log = dir.join("server.log");
         let port = {
@@ -1758,12 +1896,21 @@ impl ServerGuard {
         if let Some(url) = &cli.database_url {
             command.arg("--database-url").arg(url);
         }
+        if let Some((cert, key, _)) = &tls {
+            command
+                .arg("--tls-cert")
+                .arg(cert)
+                .arg("--tls-key")
+                .arg(key);
+        }
         let child = command.spawn()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut guard = Self {
             child,
             dir,
             log,
-            uri: format!("http://{listen}"),
+            uri: format!("{scheme}://{listen}"),
+            tls: tls.map(|(_, _, client)| client),
             token: String::new(),
             keep: cli.keep_data,
         };
@@ -1800,9 +1947,12 @@ impl ServerGuard {
 
     async fn wait_serving(&mut self) -> Result<(), BoxError> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let endpoint = Endpoint::from_shared(self.uri.clone())?
+        let mut endpoint = Endpoint::from_shared(self.uri.clone())?
             .connect_timeout(Duration::from_secs(1))
             .timeout(Duration::from_secs(2));
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
         let mut last = String::from("no answer");
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {

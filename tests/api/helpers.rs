@@ -81,7 +81,7 @@ pub fn postgres_mode() -> bool {
     std::env::var("KLUIS_TEST_BACKEND").is_ok_and(|b| b == "postgres")
 }
 
-fn pg_admin_url() -> String {
+pub fn pg_admin_url() -> String {
     std::env::var("KLUIS_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
@@ -91,7 +91,7 @@ fn pg_admin_url() -> String {
 pub struct TestDb {
     pub dir: tempfile::TempDir,
     pub url: String,
-    pg_name: Option<String>,
+    pub pg_name: Option<String>,
 }
 
 impl TestDb {
@@ -104,8 +104,7 @@ impl TestDb {
             conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
                 .await
                 .unwrap();
-            let mut url = url_with_database(&admin, &name);
-            url.push_str("");
+            let url = url_with_database(&admin, &name);
             Arc::new(TestDb {
                 dir,
                 url,

@@ -184,6 +184,12 @@ async fn kek_rotated_twice_under_concurrent_reads_and_writes_fails_no_request() 
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(rotate(&app).await, 3);
     let done = wait_rewrapped(&app).await;
+    // On a loaded machine the rotations can finish before the load has done much: let it run on
+    // to a meaningful number of calls.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while calls.load(Ordering::Relaxed) <= 100 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     for task in load {
         task.await.unwrap().unwrap();
@@ -454,14 +460,24 @@ async fn key_status_names_the_versions_a_backup_depends_on() {
     assert!(!keys.iter().any(|k| k.0 == "kek" && k.1 == 1), "{keys:?}");
 }
 
-/// `kluis keys …` against the test database (the server may be running or not).
+/// `kluis keys …` against the test database (the server may be running or not), with the tests'
+/// keyring refresh interval of 0.2 s.
 fn kluis_keys(db: &TestDb, args: &[&str]) -> std::process::Output {
+    kluis_keys_refreshing(db, args, "0.2")
+}
+
+/// `kluis keys …` assuming instances reload their keyring every `refresh_seconds`.
+fn kluis_keys_refreshing(
+    db: &TestDb,
+    args: &[&str],
+    refresh_seconds: &str,
+) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kluis"));
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("KLUIS_DATA_DIR", db.data_dir())
         .env("KLUIS_LOG", "warn")
-        .env("KLUIS_KEYRING_REFRESH_SECONDS", "0.2")
+        .env("KLUIS_KEYRING_REFRESH_SECONDS", refresh_seconds)
         .arg("keys")
         .args(args);
     if postgres_mode() {
@@ -498,8 +514,9 @@ async fn after_a_root_key_rotation_only_the_new_version_starts_kluis() {
     let out = kluis_keys(&db, &["retire-root", "--root-version", "2"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("newest"));
-    // Right after the rotation an instance may not have read v2 yet: refused for a moment.
-    let out = kluis_keys(&db, &["retire-root", "--root-version", "1"]);
+    // Right after the rotation an instance may not have read v2 yet: refused for a moment (a
+    // 30 s refresh interval here, so a slow machine cannot outrun the window).
+    let out = kluis_keys_refreshing(&db, &["retire-root", "--root-version", "1"], "30");
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("less than the keyring refresh interval")

@@ -566,3 +566,99 @@ async fn kluis_serve_reloads_its_certificate_on_sighup() {
         .status();
     let _ = child.wait();
 }
+
+// ---- kluis to PostgreSQL over TLS ------------------------------------------------------------------
+
+/// `postgres://user@HOST:port/db?sslmode=verify-full&sslrootcert=ROOT` for the test server.
+fn verify_full_url(host: &str, db: &str, root: &Path) -> String {
+    use std::str::FromStr;
+    let admin =
+        sqlx::postgres::PgConnectOptions::from_str(&crate::helpers::pg_admin_url()).unwrap();
+    format!(
+        "postgres://{}@{host}:{}/{db}?sslmode=verify-full&sslrootcert={}",
+        admin.get_username(),
+        admin.get_port(),
+        root.display()
+    )
+}
+
+/// PostgreSQL's own certificate, as the root to trust (the local cluster's is self-signed).
+async fn pg_server_certificate() -> PathBuf {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&crate::helpers::pg_admin_url())
+        .await
+        .unwrap();
+    let ssl: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        ssl, "on",
+        "this test needs PostgreSQL with ssl = on (ssl_cert_file/ssl_key_file in postgresql.conf)"
+    );
+    let cert: String = sqlx::query_scalar("SHOW ssl_cert_file")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    PathBuf::from(cert)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kluis_talks_to_postgresql_over_verified_tls_and_refuses_an_unverified_server() {
+    if !crate::helpers::postgres_mode() {
+        eprintln!("PostgreSQL TLS: runs in the PostgreSQL phase (KLUIS_TEST_BACKEND=postgres)");
+        return;
+    }
+    let root = pg_server_certificate().await;
+    let db = TestDb::new().await;
+    let name = db.pg_name.clone().unwrap();
+
+    // A server certificate trusted through a CA kluis does not know, and a name the certificate
+    // does not carry (the local cluster's certificate names `localhost`, not the address): both
+    // refused before kluis serves anything, with a message naming TLS.
+    let stranger = Pki::new(db.dir.path(), "stranger");
+    for (url, why) in [
+        (
+            verify_full_url("localhost", &name, &stranger.ca_file()),
+            "unknown CA",
+        ),
+        (verify_full_url("127.0.0.1", &name, &root), "name mismatch"),
+    ] {
+        let mut args = crate::helpers::serve_args(&db);
+        args.storage.database_url = Some(url);
+        let started = Instant::now();
+        let err = match kluis::app::Application::build(&args).await {
+            Ok(_) => panic!("{why}: kluis started against an unverified PostgreSQL server"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("database") && err.to_lowercase().contains("certificate"),
+            "{why}: {err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30), "{why}");
+    }
+
+    // verify-full with the server's certificate and its name: kluis serves, and every connection
+    // it holds to its database is encrypted.
+    let url = verify_full_url("localhost", &name, &root);
+    let app = spawn_with(db.clone(), |args| args.storage.database_url = Some(url)).await;
+    let created = app.create(full_subject(&tag())).await;
+    assert_eq!(app.get(&created.id).await.unwrap().contact, created.contact);
+
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&crate::helpers::pg_admin_url())
+        .await
+        .unwrap();
+    let (total, encrypted): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE s.ssl) \
+         FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.datname = $1",
+    )
+    .bind(&name)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert!(total > 0, "kluis holds no connection to {name}");
+    assert_eq!(encrypted, total, "connections to {name} without TLS");
+    conn.close().await.unwrap();
+    app.stop().await;
+}
