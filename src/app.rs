@@ -3,6 +3,7 @@
 
 use std::{fs, future::Future, net::SocketAddr, os::unix::fs::DirBuilderExt, sync::Arc};
 
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use zeroize::Zeroizing;
 
@@ -61,6 +62,8 @@ pub enum StartupError {
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// The `/metrics` listener, the recorder it renders and the gauges read at each scrape.
+    metrics: Option<(TcpListener, PrometheusHandle, api::metrics::OnScrape)>,
     tls: Option<Arc<Tls>>,
     store: Store,
     services: api::Services,
@@ -81,6 +84,12 @@ impl Application {
             .map(Tls::load)
             .transpose()
             .map_err(|e| StartupError::Config(format!("TLS: {e}")))?;
+        // The recorder before anything records; its listener once the services exist.
+        let recorder = args
+            .metrics_listen
+            .map(|_| api::metrics::recorder())
+            .transpose()
+            .map_err(|e| StartupError::Config(format!("metrics: {e}")))?;
         let data_dir = &args.storage.data_dir;
         fs::DirBuilder::new()
             .recursive(true)
@@ -195,9 +204,26 @@ impl Application {
                 addr: args.listen,
                 source,
             })?;
+        let metrics = match (args.metrics_listen, recorder) {
+            (Some(addr), Some(handle)) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartupError::Listen { addr, source })?;
+                let scrape_store = store.clone();
+                let scrape_keys = keys.clone();
+                let on_scrape: api::metrics::OnScrape = Arc::new(move || {
+                    api::metrics::record_pool_use(&scrape_store);
+                    metrics::gauge!("kluis_keys_active_kek_version")
+                        .set(f64::from(scrape_keys.keyring().active_kek()));
+                });
+                Some((listener, handle, on_scrape))
+            }
+            _ => None,
+        };
         Ok(Self {
             listener,
             local_addr,
+            metrics,
             tls,
             store,
             services: api::Services {
@@ -244,6 +270,13 @@ impl Application {
         &self.store
     }
 
+    /// The address of the `/metrics` listener, when metrics are served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .and_then(|(listener, _, _)| listener.local_addr().ok())
+    }
+
     /// Serves until `shutdown` completes, then lets in-flight calls finish and commits queued writes.
     pub async fn run_until(
         self,
@@ -252,6 +285,12 @@ impl Application {
         tracing::info!(addr = %self.local_addr, backend = self.store.backend_name(), tls = self.tls.is_some(), "kluis serving");
         let failures = self.failures.clone();
         let trail = self.calls.trail.clone();
+        let metrics = self.metrics.map(|(listener, handle, on_scrape)| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "metrics served at /metrics");
+            }
+            tokio::spawn(api::metrics::serve(listener, handle, on_scrape))
+        });
         let result = api::serve(
             self.listener,
             self.services,
@@ -261,6 +300,9 @@ impl Application {
             shutdown,
         )
         .await;
+        if let Some(task) = metrics {
+            task.abort();
+        }
         // The failures counted in the current window, and a last checkpoint of the head.
         failures.flush().await;
         if let Err(e) = trail.checkpoint().await {

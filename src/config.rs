@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// proxy on a network you trust); logged as a warning. Without it such an address is refused.
     #[arg(long, env = "KLUIS_INSECURE")]
     pub insecure: bool,
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on this address, apart from the gRPC
+    /// port; unset: no metrics. Keep it on loopback or a monitoring network.
+    #[arg(long, env = "KLUIS_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
@@ -324,6 +328,7 @@ impl ServeArgs {
         Self {
             listen,
             insecure: false,
+            metrics_listen: None,
             tls: TlsArgs::default(),
             storage: StorageArgs {
                 data_dir,

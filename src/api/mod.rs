@@ -8,6 +8,7 @@ mod consent;
 mod convert;
 mod credential;
 mod disclosure;
+pub mod metrics;
 pub mod pb;
 mod retention;
 mod rights;
@@ -151,6 +152,8 @@ pub async fn serve(
         // Bounds the calls one connection can have in flight (and the memory they hold); a client
         // with more waits for a free stream instead of queueing inside kluis.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // Outermost: calls refused by the auth layer are counted too.
+        .layer(metrics::GrpcMetricsLayer)
         .layer(auth::AuthLayer::new(callers, failures, calls, tls.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)

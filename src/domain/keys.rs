@@ -816,6 +816,7 @@ impl Keys {
         let mut total = 0u64;
         while let Some(moved) = self.rewrap_batch().await? {
             total += moved;
+            metrics::counter!("kluis_keys_rewrapped_total").increment(moved);
             if rate > 0 {
                 let due = started + Duration::from_secs_f64(total as f64 / f64::from(rate));
                 tokio::time::sleep_until(due).await;

@@ -722,6 +722,18 @@ impl Retention {
                 }
             }
         }
+        // Every subject a sweep visits had a due path when it was listed.
+        if options.limit == 0 {
+            metrics::gauge!("kluis_retention_due_subjects").set(stats.subjects_visited as f64);
+        }
+        if !options.dry_run {
+            metrics::counter!("kluis_retention_purged_subjects_total")
+                .increment(stats.subjects_purged);
+            metrics::counter!("kluis_retention_shredded_subjects_total")
+                .increment(stats.subjects_shredded);
+            metrics::counter!("kluis_retention_purged_paths_total")
+                .increment(stats.paths.values().sum());
+        }
         if stats.subjects_visited > 0 {
             tracing::info!(
                 dry_run = options.dry_run,

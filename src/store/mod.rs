@@ -370,6 +370,21 @@ impl Store {
         on_pool!(&self.write_backend, pool => pool.close().await)
     }
 
+    /// Open and idle connections per pool: `reads` and `writes` (SQLite's one writing
+    /// connection), or `shared` (PostgreSQL's one pool).
+    pub fn pool_use(&self) -> Vec<(&'static str, u32, usize)> {
+        match (&self.backend, &self.write_backend) {
+            (Backend::Postgres(pool), _) => vec![("shared", pool.size(), pool.num_idle())],
+            (Backend::Sqlite(reads), Backend::Sqlite(writes)) => vec![
+                ("reads", reads.size(), reads.num_idle()),
+                ("writes", writes.size(), writes.num_idle()),
+            ],
+            (Backend::Sqlite(reads), Backend::Postgres(_)) => {
+                vec![("reads", reads.size(), reads.num_idle())]
+            }
+        }
+    }
+
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
             Backend::Sqlite(_) => "sqlite",

@@ -1585,7 +1585,12 @@ async fn commit_batch(
     jobs: &Jobs,
 ) -> Vec<Result<WriteOutcome, StoreError>> {
     let started = std::time::Instant::now();
-    match try_commit_batch(backend, linker, jobs).await {
+    let committed = try_commit_batch(backend, linker, jobs).await;
+    metrics::histogram!("kluis_commit_batch_size").record(jobs.len() as f64);
+    metrics::histogram!("kluis_audit_batch_size")
+        .record(jobs.iter().filter(|(_, audit)| audit.is_some()).count() as f64);
+    metrics::histogram!("kluis_commit_duration_seconds").record(started.elapsed().as_secs_f64());
+    match committed {
         Ok(results) => {
             tracing::trace!(
                 batch = jobs.len(),

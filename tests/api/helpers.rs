@@ -309,6 +309,8 @@ pub type Retention = RetentionServiceClient<InterceptedService<Channel, Bearer>>
 /// A running kluis on 127.0.0.1:0 with its operator token.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The `/metrics` listener, when the test asked for one.
+    pub metrics_addr: Option<SocketAddr>,
     pub operator_token: String,
     pub db: Arc<TestDb>,
     pub store: kluis::store::Store,
@@ -351,6 +353,7 @@ pub async fn spawn_with(db: Arc<TestDb>, configure: impl FnOnce(&mut ServeArgs))
         .await
         .unwrap();
     let addr = app.local_addr();
+    let metrics_addr = app.metrics_addr();
     let store = app.store().clone();
     let trail = app.audit_trail().clone();
     let consent = app.consent().clone();
@@ -369,6 +372,7 @@ pub async fn spawn_with(db: Arc<TestDb>, configure: impl FnOnce(&mut ServeArgs))
         .connect_lazy();
     TestApp {
         addr,
+        metrics_addr,
         operator_token,
         db,
         store,
