@@ -62,6 +62,7 @@ pub enum StartupError {
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
+    limits: api::Limits,
     /// The `/metrics` listener, the recorder it renders and the gauges read at each scrape.
     metrics: Option<(TcpListener, PrometheusHandle, api::metrics::OnScrape)>,
     tls: Option<Arc<Tls>>,
@@ -182,9 +183,13 @@ impl Application {
             Credentials::new(vault.clone(), password_settings(args)?)
                 .map_err(|e| StartupError::Config(format!("password hashing: {e}")))?,
         );
+        let proxies = api::client_addr::TrustedProxies::parse(&args.limits.trusted_proxies)
+            .map_err(StartupError::Config)?;
         let failures = api::FailedAuthentications::new(
             trail.clone(),
             std::time::Duration::from_secs(args.audit.auth_failure_window_seconds.max(1)),
+            args.limits.auth_failure_limit,
+            proxies,
         );
         let calls = api::Calls {
             policy,
@@ -223,6 +228,12 @@ impl Application {
         Ok(Self {
             listener,
             local_addr,
+            limits: api::Limits {
+                request_timeout: std::time::Duration::from_secs(
+                    args.limits.request_timeout_seconds.max(1),
+                ),
+                max_concurrent_requests: args.limits.max_concurrent_requests,
+            },
             metrics,
             tls,
             store,
@@ -297,6 +308,7 @@ impl Application {
             self.calls,
             self.failures,
             self.tls,
+            self.limits,
             shutdown,
         )
         .await;

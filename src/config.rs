@@ -42,6 +42,8 @@ pub struct ServeArgs {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub storage: StorageArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// Root key file; default `<data-dir>/root.key`, created (mode 0600) on first start.
     #[arg(long, env = "KLUIS_KEY_FILE")]
     pub key_file: Option<PathBuf>,
@@ -271,6 +273,54 @@ impl Default for RetentionArgs {
     }
 }
 
+/// Limits that keep one client from taking the service down.
+#[derive(Clone, Debug, Args)]
+pub struct LimitArgs {
+    /// Deadline of a call that brings none (`grpc-timeout`), and the most any call gets.
+    #[arg(
+        long = "request-timeout-seconds",
+        env = "KLUIS_REQUEST_TIMEOUT_SECONDS",
+        default_value_t = 30
+    )]
+    pub request_timeout_seconds: u64,
+    /// Calls served at once over all connections; more wait for a free slot.
+    #[arg(
+        long = "max-concurrent-requests",
+        env = "KLUIS_MAX_CONCURRENT_REQUESTS",
+        default_value_t = 1024
+    )]
+    pub max_concurrent_requests: usize,
+    /// Failed authentications from one client address within the failure window
+    /// (`--auth-failure-window-seconds`) after which its calls are refused with
+    /// `RESOURCE_EXHAUSTED` until the window ends (0: no limit). Successful calls never count.
+    #[arg(
+        long = "auth-failure-limit",
+        env = "KLUIS_AUTH_FAILURE_LIMIT",
+        default_value_t = 20
+    )]
+    pub auth_failure_limit: u32,
+    /// A proxy or load balancer (IP address or CIDR) whose `x-forwarded-for` entries are
+    /// believed: behind it, the client address is the last entry not itself a trusted proxy.
+    /// Repeat the flag, or separate with commas in the environment variable.
+    #[arg(
+        long = "trusted-proxy",
+        env = "KLUIS_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for LimitArgs {
+    fn default() -> Self {
+        Self {
+            request_timeout_seconds: 30,
+            max_concurrent_requests: 1024,
+            auth_failure_limit: 20,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
 /// Settings of the audit trail.
 #[derive(Clone, Debug, Args)]
 pub struct AuditArgs {
@@ -330,6 +380,7 @@ impl ServeArgs {
             insecure: false,
             metrics_listen: None,
             tls: TlsArgs::default(),
+            limits: LimitArgs::default(),
             storage: StorageArgs {
                 data_dir,
                 database_url,

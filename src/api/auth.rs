@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use super::{status::to_status, tls::Tls};
+use super::{client_addr::TrustedProxies, status::to_status, tls::Tls};
 use crate::{
     audit::{AuditEvent, AuditTrail, FORMAT_VERSION},
     clock::now_us,
@@ -66,14 +66,25 @@ pub fn method_name(path: &str) -> String {
 pub struct FailedAuthentications {
     trail: Arc<AuditTrail>,
     window: std::time::Duration,
+    /// Failures per client address in a window after which its calls are refused (0: never).
+    limit: u32,
+    /// Whose `x-forwarded-for` is believed when finding the client address.
+    proxies: TrustedProxies,
     counts: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl FailedAuthentications {
-    pub fn new(trail: Arc<AuditTrail>, window: std::time::Duration) -> Arc<Self> {
+    pub fn new(
+        trail: Arc<AuditTrail>,
+        window: std::time::Duration,
+        limit: u32,
+        proxies: TrustedProxies,
+    ) -> Arc<Self> {
         let this = Arc::new(Self {
             trail,
             window,
+            limit,
+            proxies,
             counts: std::sync::Mutex::new(std::collections::HashMap::new()),
         });
         let flusher = Arc::downgrade(&this);
@@ -110,21 +121,27 @@ impl FailedAuthentications {
         }
     }
 
-    fn note(&self, peer: &str, method: &str, request_id: &str) {
-        // Counted per address, not per connection: a client reconnecting gets no fresh window.
-        let key = peer
-            .rsplit_once(':')
-            .map_or(peer, |(host, _)| host)
-            .to_owned();
-        let first = match self.counts.lock() {
+    /// Counts a failure of client address `key` (per address, not per connection: a client
+    /// reconnecting gets no fresh window).
+    fn note(&self, key: &str, method: &str, request_id: &str) {
+        let key = key.to_owned();
+        let n = match self.counts.lock() {
             Ok(mut counts) => {
                 let n = counts.entry(key.clone()).or_insert(0);
-                *n += 1;
-                *n == 1
+                *n = n.saturating_add(1);
+                *n
             }
-            Err(_) => false,
+            Err(_) => 0,
         };
-        if first {
+        if self.limit > 0 && n == self.limit {
+            tracing::warn!(
+                client = %key,
+                failures = n,
+                window_s = self.window.as_secs(),
+                "failed-authentication limit reached: this address's calls are refused until the window ends"
+            );
+        }
+        if n == 1 {
             let event = self.event(&key, 1, method, request_id);
             let trail = self.trail.clone();
             tokio::spawn(async move {
@@ -153,6 +170,29 @@ impl FailedAuthentications {
 
     pub fn window(&self) -> std::time::Duration {
         self.window
+    }
+
+    /// Whether client address `key` has used up its failures in this window.
+    fn over_limit(&self, key: &str) -> bool {
+        self.limit > 0
+            && self
+                .counts
+                .lock()
+                .is_ok_and(|counts| counts.get(key).is_some_and(|n| *n >= self.limit))
+    }
+
+    /// The client address of `request`: its peer, or behind a trusted proxy the
+    /// `x-forwarded-for` entry [`TrustedProxies::client`] picks.
+    fn client_of<B>(&self, request: &Request<B>) -> String {
+        let Some(peer) = peer_socket(request) else {
+            return String::new();
+        };
+        let forwarded = request
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        self.proxies.client(peer.ip(), forwarded).to_string()
     }
 }
 
@@ -220,8 +260,8 @@ fn certificate_caller<B>(tls: Option<&Tls>, request: &Request<B>) -> Option<Call
     Some(Caller::from_certificate(&name, role))
 }
 
-/// The client's address, on a plaintext or a TLS connection.
-fn peer_address<B>(request: &Request<B>) -> String {
+/// The TCP peer, on a plaintext or a TLS connection.
+fn peer_socket<B>(request: &Request<B>) -> Option<std::net::SocketAddr> {
     let ext = request.extensions();
     ext.get::<TcpConnectInfo>()
         .and_then(TcpConnectInfo::remote_addr)
@@ -229,6 +269,11 @@ fn peer_address<B>(request: &Request<B>) -> String {
             ext.get::<TlsConnectInfo<TcpConnectInfo>>()
                 .and_then(|info| info.get_ref().remote_addr())
         })
+}
+
+/// The TCP peer's address as the audit trail records it.
+fn peer_address<B>(request: &Request<B>) -> String {
+    peer_socket(request)
         .map(|addr| addr.to_string())
         .unwrap_or_default()
 }
@@ -281,6 +326,18 @@ where
                     .get(http::header::AUTHORIZATION)
                     .map(|v| v.to_str().unwrap_or("\u{0}"));
                 let peer = peer_address(&request);
+                let client = failures.client_of(&request);
+                // An address that used up its failed authentications waits for the window to end,
+                // whatever it sends now: guessing is slowed to the limit per window.
+                if failures.over_limit(&client) {
+                    failures.note(&client, method.trim_start_matches('/'), &request_id);
+                    return Ok(tonic::Status::resource_exhausted(format!(
+                        "too many failed authentications from this address; retry within {} s \
+                         (request id {request_id})",
+                        failures.window().as_secs()
+                    ))
+                    .into_http());
+                }
                 // A bearer token decides the caller; without one, a client certificate the
                 // configuration maps to a role does.
                 let authenticated = match (header, certificate_caller(tls.as_deref(), &request)) {
@@ -321,7 +378,7 @@ where
                     }
                     Err(e) => {
                         if matches!(e, crate::domain::DomainError::Unauthenticated(_)) {
-                            failures.note(&peer, method.trim_start_matches('/'), &request_id);
+                            failures.note(&client, method.trim_start_matches('/'), &request_id);
                         }
                         to_status(e, &request_id).into_http()
                     }

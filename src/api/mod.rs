@@ -4,6 +4,7 @@ mod admin;
 mod audit;
 mod auth;
 mod call;
+pub mod client_addr;
 mod consent;
 mod convert;
 mod credential;
@@ -48,6 +49,15 @@ pub struct Services {
     pub keys: Arc<Keys>,
 }
 
+/// Bounds on what callers can make one instance do.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The deadline of a call that brings none, and the most any call gets.
+    pub request_timeout: std::time::Duration,
+    /// Calls served at once over all connections; more wait for a free slot.
+    pub max_concurrent_requests: usize,
+}
+
 /// Serves every kluis service on `listener` until `shutdown` completes, then drains in-flight calls.
 pub async fn serve(
     listener: TcpListener,
@@ -55,6 +65,7 @@ pub async fn serve(
     calls: Calls,
     failures: Arc<FailedAuthentications>,
     tls: Option<Arc<tls::Tls>>,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let Services {
@@ -152,8 +163,13 @@ pub async fn serve(
         // Bounds the calls one connection can have in flight (and the memory they hold); a client
         // with more waits for a free stream instead of queueing inside kluis.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // A call without `grpc-timeout` gets this deadline; one with a longer one is cut to it.
+        .timeout(limits.request_timeout)
         // Outermost: calls refused by the auth layer are counted too.
         .layer(metrics::GrpcMetricsLayer)
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            limits.max_concurrent_requests.max(1),
+        ))
         .layer(auth::AuthLayer::new(callers, failures, calls, tls.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)

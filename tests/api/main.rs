@@ -9,6 +9,7 @@ mod consent;
 mod credentials;
 mod helpers;
 mod keys;
+mod limits;
 mod metrics;
 mod operations;
 mod policy;

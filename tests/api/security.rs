@@ -12,7 +12,8 @@ use prost::Message;
 use tonic::Code;
 
 use crate::helpers::{
-    Admin, Subjects, TestApp, captured_logs, full_subject, serve_args, spawn_kluis, spawn_on, tag,
+    Admin, Subjects, TestApp, TestDb, captured_logs, full_subject, serve_args, spawn_kluis,
+    spawn_on, spawn_with, tag,
 };
 
 /// Calls every kluis RPC once with these clients; returns (rpc, status code).
@@ -104,7 +105,11 @@ fn assert_all(results: &[(&str, Code)], expected: Code, why: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_without_a_valid_token_is_unauthenticated() {
-    let app = spawn_kluis().await;
+    // Far more failures than the failed-authentication limit allows one address (tests/api/limits.rs).
+    let app = spawn_with(TestDb::new().await, |args| {
+        args.limits.auth_failure_limit = 0
+    })
+    .await;
     assert_all(
         &every_rpc(app.subjects_as(None), app.admin_as(None)).await,
         Code::Unauthenticated,

@@ -1,0 +1,134 @@
+//! Limits: a token-guessing client address is refused after its failed authentications while
+//! other clients behind the same trusted proxy are served; `x-forwarded-for` is believed only
+//! from a trusted proxy; successful calls never count; the refusal ends with the window.
+
+use std::time::Duration;
+
+use kluis::api::pb::{self, subject_service_client::SubjectServiceClient};
+use tonic::{Code, Status};
+
+use crate::helpers::{OPERATOR_PURPOSE, TestApp, TestDb, full_subject, spawn_with, tag};
+
+const BAD: &str =
+    "kluis_0123456789abcdef_0000000000000000000000000000000000000000000000000000000000000000";
+
+/// GetSubject of `id` with `token`, as if forwarded for `client` by a proxy.
+async fn get_as(app: &TestApp, id: &str, token: &str, client: Option<&str>) -> Result<(), Status> {
+    let mut request = tonic::Request::new(pb::GetSubjectRequest {
+        id: id.to_owned(),
+        read_mask: None,
+        view: 0,
+    });
+    let md = request.metadata_mut();
+    md.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    md.insert("x-kluis-purpose", OPERATOR_PURPOSE.parse().unwrap());
+    md.insert("x-kluis-reason", "T-1".parse().unwrap());
+    if let Some(client) = client {
+        md.insert("x-forwarded-for", client.parse().unwrap());
+    }
+    SubjectServiceClient::new(app.channel())
+        .get_subject(request)
+        .await
+        .map(drop)
+}
+
+async fn spawn_limited(limit: u32, window_s: u64, proxies: &[&str]) -> (TestApp, String) {
+    let proxies: Vec<String> = proxies.iter().map(|p| (*p).to_owned()).collect();
+    let app = spawn_with(TestDb::new().await, move |args| {
+        args.limits.auth_failure_limit = limit;
+        args.limits.trusted_proxies = proxies;
+        args.audit.auth_failure_window_seconds = window_s;
+    })
+    .await;
+    let id = app.create(full_subject(&tag())).await.id;
+    (app, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guessing_client_behind_a_trusted_proxy_is_refused_while_its_neighbours_are_served() {
+    let (app, id) = spawn_limited(3, 60, &["127.0.0.1"]).await;
+    let token = app.operator_token.clone();
+    let guesser = Some("198.51.100.1, 203.0.113.9");
+    for _ in 0..3 {
+        let err = get_as(&app, &id, BAD, guesser).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    }
+    // The limit is used up: refused before the token is looked at, a valid one included.
+    for token in [BAD, token.as_str()] {
+        let err = get_as(&app, &id, token, guesser).await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("too many failed authentications"));
+    }
+    // Another client of the same proxy: served, and its own failure is only that.
+    let neighbour = Some("203.0.113.10");
+    get_as(&app, &id, &token, neighbour).await.unwrap();
+    let err = get_as(&app, &id, BAD, neighbour).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // The proxy's own calls (no header) are not the guesser's either.
+    get_as(&app, &id, &token, None).await.unwrap();
+
+    // The audit trail names the client behind the proxy, not the proxy (the first failure of an
+    // address is recorded at once, in the background).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = app
+            .audit_events(pb::QueryAuditLogRequest {
+                method: "auth.failed".into(),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await;
+        assert!(events.iter().all(|e| e.peer != "127.0.0.1"), "{events:#?}");
+        let peers: Vec<&str> = events.iter().map(|e| e.peer.as_str()).collect();
+        if peers.contains(&"203.0.113.9") && peers.contains(&"203.0.113.10") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{events:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_from_a_peer_that_is_not_a_trusted_proxy_changes_nothing() {
+    let (app, id) = spawn_limited(2, 60, &[]).await;
+    for client in ["203.0.113.1", "203.0.113.2"] {
+        let err = get_as(&app, &id, BAD, Some(client)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    // Both were 127.0.0.1's failures: a third made-up address does not get a fresh count.
+    let err = get_as(&app, &id, BAD, Some("203.0.113.3"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successful_calls_never_count_and_the_refusal_ends_with_the_window() {
+    let (app, id) = spawn_limited(2, 1, &[]).await;
+    let token = app.operator_token.clone();
+    for _ in 0..30 {
+        get_as(&app, &id, &token, None).await.unwrap();
+    }
+    let err = get_as(&app, &id, BAD, None).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "30 successes counted");
+    get_as(&app, &id, &token, None).await.unwrap();
+    let err = get_as(&app, &id, BAD, None).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = get_as(&app, &id, &token, None).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    // The window (1 s) ends: served again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match get_as(&app, &id, &token, None).await {
+            Ok(()) => break,
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                assert!(std::time::Instant::now() < deadline, "still refused");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    app.stop().await;
+}
