@@ -15,6 +15,7 @@ mod operations;
 mod policy;
 mod retention;
 mod rights;
+mod scale;
 mod security;
 mod subjects;
 mod tls;
