@@ -256,6 +256,12 @@ impl From<Status> for Error {
                     Error::DeadlineExceeded {
                         message: "the call's deadline passed before kluis answered".into(),
                     }
+                } else if caused_by::<tonic::transport::Error>(&status) {
+                    // The connection closed under the call (hyper's "operation was canceled"),
+                    // e.g. a TLS handshake kluis refused: the transport failed, nobody cancelled.
+                    Error::Transport {
+                        message: error_chain(&status),
+                    }
                 } else {
                     Error::Cancelled { message }
                 }

@@ -662,3 +662,47 @@ async fn kluis_talks_to_postgresql_over_verified_tls_and_refuses_an_unverified_s
     conn.close().await.unwrap();
     app.stop().await;
 }
+
+// ---- the Rust client over TLS ----------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kluis_client_speaks_tls_with_the_ca_and_presents_its_certificate_when_required() {
+    use kluis_client::{ClientConfig, Error, SecretString};
+    let files = tls_files();
+    let app = spawn_tls(&files, Some(true), 0).await;
+    let endpoint = format!("https://127.0.0.1:{}", app.addr.port());
+    let config = || {
+        ClientConfig::new(
+            endpoint.clone(),
+            SecretString::from(app.operator_token.clone()),
+        )
+        .ca_certificate_pem(files.server.ca_pem())
+        .domain_name("localhost")
+        .purpose(OPERATOR_PURPOSE)
+        .reason("T-1")
+        .timeout(Duration::from_secs(5))
+    };
+
+    // With its client certificate: served.
+    let (cert, key) = files.clients.client_pems("billing.test", in_days(30));
+    let client = config().identity_pem(cert, key).connect().await.unwrap();
+    let created = client.create_subject(full_subject(&tag())).await.unwrap();
+    let read = client.get_subject(created.id(), &[]).await.unwrap();
+    assert_eq!(read.id(), created.id());
+
+    // Without one, where one is required: refused at the handshake, as a transport failure.
+    match config().connect().await {
+        Ok(client) => {
+            let err = client.get_subject(created.id(), &[]).await.unwrap_err();
+            assert!(
+                matches!(err, Error::Transport { .. } | Error::Unavailable { .. }),
+                "{err:?}"
+            );
+        }
+        Err(err) => assert!(
+            matches!(err, Error::Transport { .. } | Error::Unavailable { .. }),
+            "{err:?}"
+        ),
+    }
+    app.stop().await;
+}
