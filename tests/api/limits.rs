@@ -1,6 +1,7 @@
 //! Limits: a token-guessing client address is refused after its failed authentications while
 //! other clients behind the same trusted proxy are served; `x-forwarded-for` is believed only
-//! from a trusted proxy; successful calls never count; the refusal ends with the window.
+//! from a trusted proxy; successful calls never count; the refusal ends with the window; a call
+//! without a deadline is cut off at the server's default.
 
 use std::time::Duration;
 
@@ -130,5 +131,42 @@ async fn successful_calls_never_count_and_the_refusal_ends_with_the_window() {
             Err(e) => panic!("{e:?}"),
         }
     }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_without_a_deadline_is_cut_off_at_the_server_default() {
+    // The sweep at the background rate (1 subject/s) over 5 due subjects needs 4 s or more; the
+    // server gives a call 1 s.
+    let app = spawn_with(TestDb::new().await, |args| {
+        args.retention.sweep_seconds = 0;
+        args.retention.sweep_rate = 1;
+        args.retention.sweep_batch = 1;
+        args.limits.request_timeout_seconds = 1;
+    })
+    .await;
+    let billing = app.token_for("facturatie", "billing").await;
+    for i in 0..5 {
+        crate::retention::completed_order(&app, &billing, &format!("INV-T{i}")).await;
+    }
+    app.clock.advance_us(8 * 366 * 86_400 * 1_000_000);
+    let started = std::time::Instant::now();
+    let err = app
+        .retention()
+        .sweep(pb::SweepRequest {
+            at_background_rate: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(err.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{err:?}"
+    );
+    assert!(
+        took < Duration::from_millis(3500),
+        "answered after {took:?}"
+    );
     app.stop().await;
 }

@@ -224,7 +224,11 @@ fn code<T: std::fmt::Debug>(result: Result<T, Status>) -> Code {
 
 /// Creates a subject holding the `order` paths with an order record `reference` opened by
 /// billing, and closes it now; returns the subject id and the record's `retain_until`.
-async fn completed_order(app: &TestApp, billing: &str, reference: &str) -> (String, i64) {
+pub(crate) async fn completed_order(
+    app: &TestApp,
+    billing: &str,
+    reference: &str,
+) -> (String, i64) {
     let id = app.create(order_subject(&tag())).await.id;
     let mut order = app.retention_under(billing, "order");
     assert!(
