@@ -38,15 +38,19 @@ COPY --from=builder /out/kluis /usr/local/bin/kluis
 
 # Plaintext gRPC on the container's address (KLUIS_INSECURE, logged as a warning): publish the port
 # only to a TLS-terminating proxy on a network you trust.
+# Prometheus metrics on their own port (plain HTTP, no personal data): publish it to the monitoring
+# network only. For TLS in the container itself, mount a certificate and set KLUIS_TLS_CERT and
+# KLUIS_TLS_KEY (KLUIS_INSECURE is then not needed) and KLUIS_HEALTH_CA for the health check.
 ENV KLUIS_DATA_DIR=/var/lib/kluis \
     KLUIS_LISTEN=0.0.0.0:50051 \
-    KLUIS_INSECURE=true
+    KLUIS_INSECURE=true \
+    KLUIS_METRICS_LISTEN=0.0.0.0:9464
 
 # Declared after the directory is created and chowned, so a new volume starts owned by kluis.
 VOLUME /var/lib/kluis
 WORKDIR /var/lib/kluis
 USER 10001:10001
-EXPOSE 50051
+EXPOSE 50051 9464
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
     CMD ["kluis", "health"]
