@@ -48,7 +48,8 @@ pub type RetryHook = Arc<dyn Fn(&Retrying<'_>) + Send + Sync>;
 /// ```
 pub struct ClientConfig {
     endpoint: String,
-    token: SecretString,
+    /// `None`: the client certificate alone identifies the caller.
+    token: Option<SecretString>,
     purpose: Option<String>,
     reason: Option<String>,
     ca_pem: Option<Vec<u8>>,
@@ -72,6 +73,17 @@ impl ClientConfig {
     /// Defaults: no purpose or reason, no TLS, a 10 s deadline per call, a 5 s connect timeout,
     /// [`RetryPolicy::default`].
     pub fn new(endpoint: impl Into<String>, token: SecretString) -> ClientConfig {
+        ClientConfig::with_token(endpoint, Some(token))
+    }
+
+    /// Settings for kluis at an `https://` `endpoint` where the client certificate
+    /// ([`ClientConfig::identity_pem`], required) alone says who calls: kluis maps its DNS name to
+    /// a role (`--tls-client-role`). No `authorization` header is sent.
+    pub fn with_client_certificate(endpoint: impl Into<String>) -> ClientConfig {
+        ClientConfig::with_token(endpoint, None)
+    }
+
+    fn with_token(endpoint: impl Into<String>, token: Option<SecretString>) -> ClientConfig {
         ClientConfig {
             endpoint: endpoint.into(),
             token,
@@ -204,6 +216,12 @@ impl ClientConfig {
             .ok_or_else(|| Error::config("the endpoint has no host"))?;
         let tls_settings =
             self.ca_pem.is_some() || self.identity.is_some() || self.domain_name.is_some();
+        if self.token.is_none() && (!https || self.identity.is_none()) {
+            return Err(Error::config(
+                "without a token the client certificate must identify the caller: use an \
+                 https:// endpoint and identity_pem",
+            ));
+        }
         if !https && tls_settings {
             return Err(Error::config(
                 "TLS settings given for an http:// endpoint; use https://",
@@ -260,7 +278,7 @@ impl ClientConfig {
             })?;
         }
         let metadata = CallMetadata::new(
-            &self.token,
+            self.token.as_ref(),
             self.purpose.as_deref(),
             self.reason.as_deref(),
             self.timeout,
@@ -300,7 +318,7 @@ impl fmt::Debug for ClientConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientConfig")
             .field("endpoint", &self.endpoint)
-            .field("token", &"***")
+            .field("token", &self.token.as_ref().map(|_| "***"))
             .field("purpose", &self.purpose)
             .field("reason", &self.reason)
             .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<pem>"))

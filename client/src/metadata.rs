@@ -14,7 +14,8 @@ use crate::Error;
 /// client's default, except `authorization`, which is always the client's token.
 #[derive(Clone)]
 pub struct CallMetadata {
-    authorization: AsciiMetadataValue,
+    /// `None` when the client certificate identifies the caller.
+    authorization: Option<AsciiMetadataValue>,
     purpose: Option<AsciiMetadataValue>,
     reason: Option<AsciiMetadataValue>,
     timeout: Duration,
@@ -22,16 +23,21 @@ pub struct CallMetadata {
 
 impl CallMetadata {
     pub(crate) fn new(
-        token: &SecretString,
+        token: Option<&SecretString>,
         purpose: Option<&str>,
         reason: Option<&str>,
         timeout: Duration,
     ) -> Result<CallMetadata, Error> {
-        let mut authorization =
-            AsciiMetadataValue::try_from(format!("Bearer {}", token.expose_secret()))
-                .map_err(|_| Error::config("the token is not a valid header value"))?;
-        // Kept out of HPACK's dynamic table and printed as "Sensitive".
-        authorization.set_sensitive(true);
+        let authorization = token
+            .map(|token| {
+                let mut value =
+                    AsciiMetadataValue::try_from(format!("Bearer {}", token.expose_secret()))
+                        .map_err(|_| Error::config("the token is not a valid header value"))?;
+                // Kept out of HPACK's dynamic table and printed as "Sensitive".
+                value.set_sensitive(true);
+                Ok::<_, Error>(value)
+            })
+            .transpose()?;
         Ok(CallMetadata {
             authorization,
             purpose: purpose.map(|p| header("purpose", p)).transpose()?,
@@ -92,7 +98,12 @@ impl Interceptor for CallMetadata {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let has_timeout = request.metadata().contains_key("grpc-timeout");
         let metadata = request.metadata_mut();
-        metadata.insert("authorization", self.authorization.clone());
+        // The client's identity only: its token, or none (its certificate) — never a header
+        // set on the request by hand.
+        match &self.authorization {
+            Some(token) => metadata.insert("authorization", token.clone()),
+            None => metadata.remove("authorization"),
+        };
         if let Some(purpose) = &self.purpose
             && !metadata.contains_key("x-kluis-purpose")
         {
@@ -113,7 +124,13 @@ impl Interceptor for CallMetadata {
 impl std::fmt::Debug for CallMetadata {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CallMetadata")
-            .field("authorization", &"Bearer ***")
+            .field(
+                "authorization",
+                &self
+                    .authorization
+                    .as_ref()
+                    .map_or("none (client certificate)", |_| "Bearer ***"),
+            )
             .field("purpose", &self.purpose())
             .field("reason", &self.reason())
             .field("timeout", &self.timeout)
@@ -129,7 +146,7 @@ mod tests {
 
     fn metadata() -> CallMetadata {
         CallMetadata::new(
-            &SecretString::from("kluis_abc_s3cret"),
+            Some(&SecretString::from("kluis_abc_s3cret")),
             Some("order"),
             None,
             Duration::from_secs(3),
@@ -179,7 +196,7 @@ mod tests {
         assert!(metadata().with_reason(Some("ticket\n1")).is_err());
         assert!(
             CallMetadata::new(
-                &SecretString::from("bad\ntoken"),
+                Some(&SecretString::from("bad\ntoken")),
                 None,
                 None,
                 Duration::from_secs(1)

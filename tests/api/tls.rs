@@ -666,7 +666,7 @@ async fn kluis_talks_to_postgresql_over_verified_tls_and_refuses_an_unverified_s
 // ---- the Rust client over TLS ----------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kluis_client_speaks_tls_with_the_ca_and_presents_its_certificate_when_required() {
+async fn kluis_client_speaks_tls_and_mtls_and_can_be_identified_by_its_certificate_alone() {
     use kluis_client::{ClientConfig, Error, SecretString};
     let files = tls_files();
     let app = spawn_tls(&files, Some(true), 0).await;
@@ -689,6 +689,30 @@ async fn kluis_client_speaks_tls_with_the_ca_and_presents_its_certificate_when_r
     let created = client.create_subject(full_subject(&tag())).await.unwrap();
     let read = client.get_subject(created.id(), &[]).await.unwrap();
     assert_eq!(read.id(), created.id());
+
+    // The certificate alone (no token): kluis maps `billing.test` to the billing role.
+    let (cert, key) = files.clients.client_pems("billing.test", in_days(30));
+    let billing = ClientConfig::with_client_certificate(endpoint.clone())
+        .ca_certificate_pem(files.server.ca_pem())
+        .domain_name("localhost")
+        .identity_pem(cert, key)
+        .purpose("account")
+        .connect()
+        .await
+        .unwrap();
+    let read = billing
+        .get_subject(created.id(), &["billing"])
+        .await
+        .unwrap();
+    assert!(!read.paths().is_empty());
+    assert!(read.paths().iter().all(|p| p.starts_with("billing.")));
+    // Without a certificate there is nobody to be: refused before anything is sent.
+    let err = ClientConfig::with_client_certificate(endpoint.clone())
+        .ca_certificate_pem(files.server.ca_pem())
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
 
     // Without one, where one is required: refused at the handshake, as a transport failure.
     match config().connect().await {
