@@ -407,6 +407,12 @@ fn check_plaintext(args: &ServeArgs) -> Result<(), StartupError> {
         )));
     }
     tracing::warn!(addr = %args.listen, "serving plaintext gRPC on a non-loopback address (--insecure): only behind a TLS-terminating proxy on a trusted network");
+    if args.limits.trusted_proxies.is_empty() && args.limits.auth_failure_limit > 0 {
+        tracing::warn!(
+            "no --trusted-proxy: behind a proxy every client shares its address, so one client's \
+             failed authentications (--auth-failure-limit) lock out all of them; list the proxy"
+        );
+    }
     Ok(())
 }
 

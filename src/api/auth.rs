@@ -124,15 +124,21 @@ impl FailedAuthentications {
     /// Counts a failure of client address `key` (per address, not per connection: a client
     /// reconnecting gets no fresh window).
     fn note(&self, key: &str, method: &str, request_id: &str) {
-        let key = key.to_owned();
         let n = match self.counts.lock() {
             Ok(mut counts) => {
-                let n = counts.entry(key.clone()).or_insert(0);
+                // A flood of fresh addresses shares one bucket rather than growing the map.
+                let key = if counts.len() >= MAX_TRACKED_ADDRESSES && !counts.contains_key(key) {
+                    OVERFLOW_KEY
+                } else {
+                    key
+                };
+                let n = counts.entry(key.to_owned()).or_insert(0);
                 *n = n.saturating_add(1);
                 *n
             }
             Err(_) => 0,
         };
+        let key = key.to_owned();
         if self.limit > 0 && n == self.limit {
             tracing::warn!(
                 client = %key,
@@ -192,7 +198,24 @@ impl FailedAuthentications {
             .get_all("x-forwarded-for")
             .iter()
             .filter_map(|v| v.to_str().ok());
-        self.proxies.client(peer.ip(), forwarded).to_string()
+        client_key(self.proxies.client(peer.ip(), forwarded))
+    }
+}
+
+/// Client addresses whose failures are counted one by one in a window; beyond, they share
+/// [`OVERFLOW_KEY`].
+const MAX_TRACKED_ADDRESSES: usize = 100_000;
+const OVERFLOW_KEY: &str = "(many addresses)";
+
+/// The key failures are counted under: an IPv4 address, or an IPv6 address's /64 (what one
+/// client network usually holds, so rotating addresses within it gains nothing).
+fn client_key(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => {
+            let network = std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64));
+            format!("{network}/64")
+        }
     }
 }
 
@@ -327,9 +350,11 @@ where
                     .map(|v| v.to_str().unwrap_or("\u{0}"));
                 let peer = peer_address(&request);
                 let client = failures.client_of(&request);
+                let certified = certificate_caller(tls.as_deref(), &request);
                 // An address that used up its failed authentications waits for the window to end,
-                // whatever it sends now: guessing is slowed to the limit per window.
-                if failures.over_limit(&client) {
+                // whatever it sends now: guessing is slowed to the limit per window. A client
+                // with a verified certificate kluis maps to a role is not guessing.
+                if certified.is_none() && failures.over_limit(&client) {
                     failures.note(&client, method.trim_start_matches('/'), &request_id);
                     return Ok(tonic::Status::resource_exhausted(format!(
                         "too many failed authentications from this address; retry within {} s \
@@ -340,7 +365,7 @@ where
                 }
                 // A bearer token decides the caller; without one, a client certificate the
                 // configuration maps to a role does.
-                let authenticated = match (header, certificate_caller(tls.as_deref(), &request)) {
+                let authenticated = match (header, certified) {
                     (None, Some(caller)) => Ok(caller),
                     (header, _) => callers.authenticate(header).await,
                 };
@@ -407,4 +432,20 @@ pub fn context<T>(request: &tonic::Request<T>) -> Result<RequestContext, tonic::
         .get::<RequestContext>()
         .cloned()
         .ok_or_else(|| tonic::Status::unauthenticated("no authenticated caller"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_counted_per_ipv4_address_and_per_ipv6_64_network() {
+        assert_eq!(client_key("192.0.2.7".parse().unwrap()), "192.0.2.7");
+        let a = client_key("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = client_key("2001:db8:1:2:bbbb::9".parse().unwrap());
+        assert_eq!(a, "2001:db8:1:2::/64");
+        assert_eq!(a, b);
+        assert_ne!(a, client_key("2001:db8:1:3::1".parse().unwrap()));
+    }
 }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tower::{Layer, Service};
@@ -25,6 +25,10 @@ use crate::store::Store;
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+/// Connections the `/metrics` listener serves at once.
+const MAX_CONNECTIONS: usize = 16;
+/// How long a client of the `/metrics` listener may take to send a request's headers.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Buckets of the group-commit batch sizes (requests, audit events per transaction).
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
@@ -145,8 +149,11 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let started = Instant::now();
-        let path = request.uri().path().to_owned();
+        let mut call = CallRecord {
+            method: method_label(request.uri().path()),
+            started: Instant::now(),
+            recorded: false,
+        };
         let answer = self.inner.call(request);
         Box::pin(async move {
             let result = answer.await;
@@ -161,27 +168,86 @@ where
                     .map_or(tonic::Code::Ok, tonic::Code::from_i32),
                 Err(_) => tonic::Code::Unknown,
             };
-            let method = method_label(&path, code);
-            metrics::counter!(
-                "kluis_grpc_requests_total",
-                "method" => method.clone(),
-                "code" => super::status::code_name(code),
-            )
-            .increment(1);
-            metrics::histogram!("kluis_grpc_request_duration_seconds", "method" => method)
-                .record(started.elapsed().as_secs_f64());
+            call.record(code);
             result
         })
     }
 }
 
-/// `kluis.v1.SubjectService/GetSubject` for `/kluis.v1.SubjectService/GetSubject`; `unknown` for
-/// a path no service answers (`UNIMPLEMENTED`), so a client cannot mint labels.
-fn method_label(path: &str, code: tonic::Code) -> String {
-    if code == tonic::Code::Unimplemented {
-        return "unknown".to_owned();
+/// One call being counted: recorded with its status when answered, or as `CANCELLED` when its
+/// future is dropped first (the server's deadline fired, or the client went away).
+struct CallRecord {
+    method: &'static str,
+    started: Instant,
+    recorded: bool,
+}
+
+impl CallRecord {
+    fn record(&mut self, code: tonic::Code) {
+        self.recorded = true;
+        metrics::counter!(
+            "kluis_grpc_requests_total",
+            "method" => self.method,
+            "code" => super::status::code_name(code),
+        )
+        .increment(1);
+        metrics::histogram!("kluis_grpc_request_duration_seconds", "method" => self.method)
+            .record(self.started.elapsed().as_secs_f64());
     }
-    path.trim_start_matches('/').to_owned()
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.record(tonic::Code::Cancelled);
+        }
+    }
+}
+
+/// `kluis.v1.SubjectService/GetSubject` for `/kluis.v1.SubjectService/GetSubject` when a service
+/// of this server has that method; `unknown` for any other path (with or without a token), so a
+/// client can neither mint labels nor put text of its own into them.
+fn method_label(path: &str) -> &'static str {
+    let path = path.trim_start_matches('/');
+    known_methods()
+        .get(path)
+        .map_or("unknown", |known| known.as_str())
+}
+
+/// Every `package.Service/Method` kluis serves: its own services, health and reflection.
+fn known_methods() -> &'static std::collections::HashSet<String> {
+    static KNOWN: OnceLock<std::collections::HashSet<String>> = OnceLock::new();
+    KNOWN.get_or_init(|| {
+        use prost::Message;
+        let mut known: std::collections::HashSet<String> = [
+            "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        for set in [
+            super::pb::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+                continue;
+            };
+            for file in set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        known.insert(format!(
+                            "{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        known
+    })
 }
 
 // ---- the /metrics listener -----------------------------------------------------------------------
@@ -189,6 +255,8 @@ fn method_label(path: &str, code: tonic::Code) -> String {
 /// Serves `GET /metrics` (Prometheus text format) on `listener` until the task is dropped; pool
 /// gauges are read at each scrape.
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, on_scrape: OnScrape) {
+    // A scraper needs one connection; a few spare, and then no more.
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -198,14 +266,21 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, on_scrape: O
                 continue;
             }
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics listener: too many connections; closed");
+            continue;
+        };
         let handle = handle.clone();
         let on_scrape = on_scrape.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |request: Request<Incoming>| {
                 let response = answer(&request, &handle, &on_scrape);
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

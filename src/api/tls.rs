@@ -30,6 +30,8 @@ use crate::policy::Role;
 
 /// How long a client may take to finish its handshake before the connection is closed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once; connections beyond are closed at once.
+const MAX_HANDSHAKES: usize = 512;
 
 /// TLS settings, resolved from the configuration.
 #[derive(Clone, Debug)]
@@ -238,6 +240,9 @@ pub fn incoming(
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let mut tcp = super::tcp_incoming(listener);
+    // Handshakes in progress at once: clients that open connections and never finish the
+    // handshake hold at most this many sockets (each for at most HANDSHAKE_TIMEOUT).
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let next = tokio::select! {
@@ -247,7 +252,9 @@ pub fn incoming(
             let stream = match next {
                 Some(Ok(stream)) => stream,
                 Some(Err(e)) => {
+                    // Out of file descriptors, say: give connections time to close.
                     tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
                 None => return,
@@ -255,8 +262,13 @@ pub fn incoming(
             let Some(acceptor) = tls.acceptor() else {
                 continue;
             };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                tracing::warn!("too many TLS handshakes in progress; connection dropped");
+                continue;
+            };
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let peer = stream.peer_addr().ok();
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls_stream)) => {

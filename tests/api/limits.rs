@@ -143,6 +143,7 @@ async fn a_call_without_a_deadline_is_cut_off_at_the_server_default() {
         args.retention.sweep_rate = 1;
         args.retention.sweep_batch = 1;
         args.limits.request_timeout_seconds = 1;
+        args.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
     let billing = app.token_for("facturatie", "billing").await;
@@ -167,6 +168,19 @@ async fn a_call_without_a_deadline_is_cut_off_at_the_server_default() {
     assert!(
         took < Duration::from_millis(3500),
         "answered after {took:?}"
+    );
+    // The call cut off is counted all the same.
+    let (_, _, body) = crate::metrics::http_get(app.metrics_addr.unwrap(), "GET", "/metrics").await;
+    assert!(
+        crate::metrics::sample(
+            &body,
+            "kluis_grpc_requests_total",
+            &[
+                r#"method="kluis.v1.RetentionService/Sweep""#,
+                r#"code="CANCELLED""#
+            ]
+        ) >= 1.0,
+        "{body}"
     );
     app.stop().await;
 }

@@ -10,7 +10,7 @@ use tonic::Code;
 use crate::helpers::{TestDb, full_subject, spawn_with, tag};
 
 /// `GET path` over HTTP/1.1: the status code, the content type and the body.
-async fn http_get(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
+pub(crate) async fn http_get(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -32,7 +32,7 @@ async fn http_get(addr: SocketAddr, method: &str, path: &str) -> (u16, String, S
 
 /// The value of the sample whose line starts with `name{` and holds every label in `labels`
 /// (0 when absent: the recorder is shared by the instances of this test process).
-fn sample(body: &str, name: &str, labels: &[&str]) -> f64 {
+pub(crate) fn sample(body: &str, name: &str, labels: &[&str]) -> f64 {
     body.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
         .filter(|l| labels.iter().all(|label| l.contains(label)))
@@ -140,7 +140,7 @@ async fn metrics_count_and_time_calls_by_method_and_code_and_show_no_personal_da
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_method_no_service_has_is_counted_as_unknown_not_by_its_path() {
+async fn a_path_that_is_no_method_of_kluis_is_counted_as_unknown_with_or_without_a_token() {
     let db = TestDb::new().await;
     let app = spawn_with(db, |args| {
         args.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
@@ -165,8 +165,31 @@ async fn a_method_no_service_has_is_counted_as_unknown_not_by_its_path() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
+    // Without a token, to a path that is no method at all (text of the client's choosing):
+    // refused by authentication before any routing, and not a label either.
+    let mut anonymous = tonic::client::Grpc::new(app.channel());
+    anonymous.ready().await.unwrap();
+    let made_up = "/jan.jansen@example.nl/Anything";
+    let err = anonymous
+        .unary::<(), (), _>(
+            tonic::Request::new(()),
+            http::uri::PathAndQuery::from_static(made_up),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
     let (_, _, body) = http_get(metrics, "GET", "/metrics").await;
     assert!(!body.contains(&invented[1..]), "{body}");
+    assert!(!body.contains("jan.jansen"), "{body}");
+    assert!(
+        sample(
+            &body,
+            "kluis_grpc_requests_total",
+            &[r#"method="unknown""#, r#"code="UNAUTHENTICATED""#]
+        ) >= 1.0,
+        "{body}"
+    );
     assert!(
         sample(
             &body,
