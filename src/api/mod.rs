@@ -163,6 +163,9 @@ pub async fn serve(
         // Bounds the calls one connection can have in flight (and the memory they hold); a client
         // with more waits for a free stream instead of queueing inside kluis.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // A connection whose peer stopped answering pings is closed, not kept forever.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         // A call without `grpc-timeout` gets this deadline; one with a longer one is cut to it.
         .timeout(limits.request_timeout)
         // Outermost: calls refused by the auth layer are counted too.

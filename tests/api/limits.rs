@@ -1,9 +1,9 @@
 //! Limits: a token-guessing client address is refused after its failed authentications while
 //! other clients behind the same trusted proxy are served; `x-forwarded-for` is believed only
 //! from a trusted proxy; successful calls never count; the refusal ends with the window; a call
-//! without a deadline is cut off at the server's default.
+//! without a deadline is cut off at the server's default; calls beyond the concurrency limit wait.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use kluis::api::pb::{self, subject_service_client::SubjectServiceClient};
 use tonic::{Code, Status};
@@ -182,5 +182,49 @@ async fn a_call_without_a_deadline_is_cut_off_at_the_server_default() {
         ) >= 1.0,
         "{body}"
     );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_beyond_the_concurrency_limit_wait_for_a_free_slot() {
+    // One slot; a sweep at 1 subject/s over 3 due subjects holds it for 2 s or more.
+    let app = spawn_with(TestDb::new().await, |args| {
+        args.retention.sweep_seconds = 0;
+        args.retention.sweep_rate = 1;
+        args.retention.sweep_batch = 1;
+        args.limits.max_concurrent_requests = 1;
+    })
+    .await;
+    let billing = app.token_for("facturatie", "billing").await;
+    for i in 0..3 {
+        crate::retention::completed_order(&app, &billing, &format!("INV-C{i}")).await;
+    }
+    app.clock.advance_us(8 * 366 * 86_400 * 1_000_000);
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sweep = {
+        let retention = app.retention();
+        let order = order.clone();
+        tokio::spawn(async move {
+            retention
+                .clone()
+                .sweep(pb::SweepRequest {
+                    at_background_rate: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            order.lock().unwrap().push("sweep");
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A health check (milliseconds of work) arriving while the sweep holds the only slot.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel());
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    order.lock().unwrap().push("health");
+    sweep.await.unwrap();
+    assert_eq!(*order.lock().unwrap(), ["sweep", "health"]);
     app.stop().await;
 }
