@@ -391,12 +391,8 @@ where
                         if !ctx.audited.load(std::sync::atomic::Ordering::SeqCst) {
                             // Refused before the handler ran: tonic answered with the status in
                             // the headers (a trailers-only response).
-                            let code = response
-                                .headers()
-                                .get("grpc-status")
-                                .and_then(|v| v.to_str().ok())
-                                .and_then(|v| v.parse::<i32>().ok())
-                                .map_or(tonic::Code::Unknown, tonic::Code::from);
+                            let code = super::status::header_code(response.headers())
+                                .unwrap_or(tonic::Code::Unknown);
                             calls.record_refusal(&ctx, code).await;
                         }
                         response

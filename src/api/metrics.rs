@@ -160,12 +160,9 @@ where
             // An error status travels in the headers of a trailers-only answer; a success (or an
             // error after streamed messages) in the trailers, which this layer does not wait for.
             let code = match &result {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map_or(tonic::Code::Ok, tonic::Code::from_i32),
+                Ok(response) => {
+                    super::status::header_code(response.headers()).unwrap_or(tonic::Code::Ok)
+                }
                 Err(_) => tonic::Code::Unknown,
             };
             call.record(code);

@@ -60,6 +60,16 @@ pub fn to_status(e: DomainError, request_id: &str) -> Status {
     }
 }
 
+/// The status an answer carries in its headers (a trailers-only answer: refusals and errors
+/// before any message); `None` when it will come in the trailers.
+pub fn header_code(headers: &http::HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from)
+}
+
 /// The canonical name of a status code, as the audit trail records outcomes.
 pub fn code_name(code: Code) -> &'static str {
     match code {
