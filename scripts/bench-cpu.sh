@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# CPU per call of one closed-loop kluis-bench scenario, split between the server and the load
+# generator: reads both processes' user+system time from /proc over 6 s of the measured window.
+#
+#   scripts/bench-cpu.sh get        # or health, find, create; needs target/release/kluis-bench
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scenario=${1:?usage: scripts/bench-cpu.sh SCENARIO}
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+target/release/kluis-bench --seed 20000 --scenarios "$scenario" --mode closed --duration 12 --warmup 2 >"$log" 2>&1 &
+bench=$!
+for _ in $(seq 240); do grep -q "$scenario: closed" "$log" && break; sleep 0.5; done
+sleep 4 # past the warm-up, into the measured window
+server=$(sed -n 's/^started .* (pid \([0-9]*\)).*/\1/p' "$log")
+[[ -n "$server" ]] || { echo "no server pid in the bench output" >&2; exit 1; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+s0=$(ticks "$server"); b0=$(ticks "$bench"); t0=$(date +%s.%N)
+sleep 6
+s1=$(ticks "$server"); b1=$(ticks "$bench"); t1=$(date +%s.%N)
+wait "$bench"
+rate=$(awk -v s="$scenario" '$1 == s && $2 == "closed" {print $4}' "$log")
+awk -v s="$scenario" -v r="$rate" -v hz="$hz" -v ds=$((s1 - s0)) -v db=$((b1 - b0)) -v t0="$t0" -v t1="$t1" 'BEGIN {
+    wall = t1 - t0
+    printf "%s: %.0f calls/s; cores used: server %.2f, load generator %.2f\n", s, r, ds / hz / wall, db / hz / wall
+    printf "CPU per call: server %.1f us, load generator %.1f us\n", ds / hz / (r * wall) * 1e6, db / hz / (r * wall) * 1e6
+}'
