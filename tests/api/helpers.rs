@@ -447,6 +447,17 @@ impl TestApp {
         )
     }
 
+    /// Asserts that `VerifyAuditChain` finds the whole chain intact.
+    pub async fn assert_audit_chain_intact(&self) {
+        let verified = self
+            .audit()
+            .verify_audit_chain(pb::VerifyAuditChainRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(verified.intact, "{verified:?}");
+    }
+
     pub fn admin(&self) -> Admin {
         self.admin_as(Some(&self.operator_token.clone()))
     }
