@@ -216,7 +216,20 @@ async fn calls_beyond_the_concurrency_limit_wait_for_a_free_slot() {
             order.lock().unwrap().push("sweep");
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The sweep holds the slot once its first subject is gone (the next comes a second later):
+    // wait for that rather than for a fixed time, which a loaded machine can outlast.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while app
+        .raw_count("SELECT count(*) FROM audit_events WHERE method LIKE 'kluis.retention/%'")
+        .await
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sweep purged nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // A health check (milliseconds of work) arriving while the sweep holds the only slot.
     let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel());
     health
