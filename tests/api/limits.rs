@@ -5,7 +5,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use kluis::api::pb::{self, subject_service_client::SubjectServiceClient};
+use kluis::{
+    ServeArgs,
+    api::pb::{self, subject_service_client::SubjectServiceClient},
+};
 use tonic::{Code, Status};
 
 use crate::helpers::{OPERATOR_PURPOSE, TestApp, TestDb, full_subject, spawn_with, tag};
@@ -134,23 +137,33 @@ async fn successful_calls_never_count_and_the_refusal_ends_with_the_window() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_without_a_deadline_is_cut_off_at_the_server_default() {
-    // The sweep at the background rate (1 subject/s) over 5 due subjects needs 4 s or more; the
-    // server gives a call 1 s.
+/// A server (further set up by `configure`) whose sweep at the background rate, 1 subject/s,
+/// has `due` subjects to purge, so it takes `due - 1` seconds or more.
+async fn slow_sweep(due: usize, configure: impl FnOnce(&mut ServeArgs)) -> TestApp {
     let app = spawn_with(TestDb::new().await, |args| {
         args.retention.sweep_seconds = 0;
         args.retention.sweep_rate = 1;
         args.retention.sweep_batch = 1;
+        configure(args);
+    })
+    .await;
+    let billing = app.token_for("facturatie", "billing").await;
+    for i in 0..due {
+        crate::retention::completed_order(&app, &billing, &format!("INV-S{i}")).await;
+    }
+    app.clock.advance_us(8 * 366 * 86_400 * 1_000_000);
+    app
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_without_a_deadline_is_cut_off_at_the_server_default() {
+    // The sweep at the background rate (1 subject/s) over 5 due subjects needs 4 s or more; the
+    // server gives a call 1 s.
+    let app = slow_sweep(5, |args| {
         args.limits.request_timeout_seconds = 1;
         args.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
-    let billing = app.token_for("facturatie", "billing").await;
-    for i in 0..5 {
-        crate::retention::completed_order(&app, &billing, &format!("INV-T{i}")).await;
-    }
-    app.clock.advance_us(8 * 366 * 86_400 * 1_000_000);
     let started = std::time::Instant::now();
     let err = app
         .retention()
@@ -188,18 +201,7 @@ async fn a_call_without_a_deadline_is_cut_off_at_the_server_default() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_beyond_the_concurrency_limit_wait_for_a_free_slot() {
     // One slot; a sweep at 1 subject/s over 3 due subjects holds it for 2 s or more.
-    let app = spawn_with(TestDb::new().await, |args| {
-        args.retention.sweep_seconds = 0;
-        args.retention.sweep_rate = 1;
-        args.retention.sweep_batch = 1;
-        args.limits.max_concurrent_requests = 1;
-    })
-    .await;
-    let billing = app.token_for("facturatie", "billing").await;
-    for i in 0..3 {
-        crate::retention::completed_order(&app, &billing, &format!("INV-C{i}")).await;
-    }
-    app.clock.advance_us(8 * 366 * 86_400 * 1_000_000);
+    let app = slow_sweep(3, |args| args.limits.max_concurrent_requests = 1).await;
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sweep = {
         let retention = app.retention();
