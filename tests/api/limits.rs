@@ -3,7 +3,7 @@
 //! from a trusted proxy; successful calls never count; the refusal ends with the window; a call
 //! without a deadline is cut off at the server's default; calls beyond the concurrency limit wait.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use kluis::{
     ServeArgs,
@@ -202,10 +202,8 @@ async fn a_call_without_a_deadline_is_cut_off_at_the_server_default() {
 async fn calls_beyond_the_concurrency_limit_wait_for_a_free_slot() {
     // One slot; a sweep at 1 subject/s over 3 due subjects holds it for 2 s or more.
     let app = slow_sweep(3, |args| args.limits.max_concurrent_requests = 1).await;
-    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sweep = {
         let retention = app.retention();
-        let order = order.clone();
         tokio::spawn(async move {
             retention
                 .clone()
@@ -214,32 +212,45 @@ async fn calls_beyond_the_concurrency_limit_wait_for_a_free_slot() {
                     ..Default::default()
                 })
                 .await
-                .unwrap();
-            order.lock().unwrap().push("sweep");
+                .unwrap()
+                .into_inner()
         })
     };
     // The sweep holds the slot once its first subject is gone (the next comes a second later):
     // wait for that rather than for a fixed time, which a loaded machine can outlast.
+    let purges = "SELECT count(*) FROM audit_events WHERE method LIKE 'kluis.retention/%'";
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while app
-        .raw_count("SELECT count(*) FROM audit_events WHERE method LIKE 'kluis.retention/%'")
-        .await
-        == 0
-    {
+    while app.raw_count(purges).await == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the sweep purged nothing"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // A health check (milliseconds of work) arriving while the sweep holds the only slot.
+    // A health check (milliseconds of work) arriving while the sweep holds the only slot is
+    // served only once the sweep call has finished: all three purges and the Sweep call's own
+    // audit event (written before its slot is freed) are in the trail by the time it answers.
+    // (Which of the two answers reaches its client first is a race, so the test does not look.)
     let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel());
     health
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await
         .unwrap();
-    order.lock().unwrap().push("health");
-    sweep.await.unwrap();
-    assert_eq!(*order.lock().unwrap(), ["sweep", "health"]);
+    let sweep_calls =
+        "SELECT count(*) FROM audit_events WHERE method = 'kluis.v1.RetentionService/Sweep'";
+    assert_eq!(
+        (
+            app.raw_count(purges).await,
+            app.raw_count(sweep_calls).await
+        ),
+        (3, 1),
+        "health was answered while the sweep still held the only slot"
+    );
+    let swept = sweep.await.unwrap();
+    assert_eq!(
+        swept.subjects_purged + swept.subjects_shredded,
+        3,
+        "{swept:?}"
+    );
     app.stop().await;
 }
