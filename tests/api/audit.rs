@@ -718,6 +718,34 @@ async fn two_instances_under_concurrent_load_keep_one_valid_chain() {
     raw.close().await;
 }
 
+/// Each instance's writer remembers the chain head of its own last commit and appends a batch of
+/// read events against it; after the other instance appended, that head is stale and the append
+/// must notice (and link to the real head), or the chain would fork or lose events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_alternating_between_two_instances_extend_one_chain_in_turn() {
+    let a = spawn_kluis().await;
+    let b = spawn_on(a.db.clone()).await;
+    let subject = a.create(full_subject(&tag())).await;
+    let before = a.raw_count("SELECT MAX(seq) FROM audit_events").await;
+    for _ in 0..5 {
+        a.get(&subject.id).await.unwrap();
+        b.get(&subject.id).await.unwrap();
+    }
+    let raw = a.db.raw().await;
+    let (count, max, head): (i64, i64, i64) = (
+        raw.count_all("SELECT COUNT(*) FROM audit_events").await,
+        raw.count_all("SELECT MAX(seq) FROM audit_events").await,
+        raw.count_all("SELECT seq FROM audit_head").await,
+    );
+    raw.close().await;
+    assert_eq!(max - before, 10, "one event per get, none lost");
+    assert_eq!((max, head), (count, count), "seq 1..n without gaps");
+    for app in [&a, &b] {
+        let report = verify(app).await;
+        assert!(report.intact, "{report:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subjects_history_is_complete_before_and_after_the_index_catches_up() {
     let app = spawn_kluis().await;
