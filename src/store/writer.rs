@@ -9,8 +9,7 @@
 //! only if it applied), an event without an op (a read, a refusal) in the next batch. The batch
 //! links its events to the chain head it reads (and, on PostgreSQL, locks) at its end, so the
 //! events of every instance form one linear chain and reads wait for one shared commit, not for
-//! each other. On SQLite a batch of events alone (reads, refusals) goes in one multi-statement
-//! call against the head this writer last committed, applied only if that is still the head.
+//! each other.
 
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
@@ -815,24 +814,6 @@ macro_rules! bulk_sweep {
 }
 
 /// Applies one op inside the current savepoint.
-/// Pushes `VALUES (…), …` of linked audit events (seq, event, MAC) for an insert into
-/// `audit_events (seq, at_us, caller, purpose, method, outcome, subjects, body, mac)`.
-macro_rules! push_audit_values {
-    ($q:expr, $linked:expr) => {
-        $q.push_values($linked.iter(), |mut b, (seq, e, mac)| {
-            b.push_bind(*seq)
-                .push_bind(e.at_us)
-                .push_bind(e.caller.clone())
-                .push_bind(e.purpose.clone())
-                .push_bind(e.method.clone())
-                .push_bind(e.outcome.clone())
-                .push_bind(super::audit::subjects_column(&e.subjects))
-                .push_bind(e.body.clone())
-                .push_bind(mac.to_vec());
-        })
-    };
-}
-
 macro_rules! apply_one {
     ($conn:expr, $op:expr) => {{
         async {
@@ -1579,8 +1560,6 @@ async fn run(
     mut rx: mpsc::Receiver<Job>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    // The chain head as of this writer's last commit, if it knows it (see `append_events_sqlite`).
-    let mut head: Option<ChainHead> = None;
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let mut jobs = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
@@ -1588,7 +1567,7 @@ async fn run(
             jobs.push((job.op, job.audit));
             replies.push(job.reply);
         }
-        let results = commit_batch(&backend, linker.get().map(|l| &**l), &jobs, &mut head).await;
+        let results = commit_batch(&backend, linker.get().map(|l| &**l), &jobs).await;
         for (reply, result) in replies.into_iter().zip(results) {
             // A submitter that went away (cancelled request) no longer needs its answer; the write
             // is committed all the same, as it would be had the answer been lost on the wire.
@@ -1599,25 +1578,14 @@ async fn run(
 
 type Jobs = [(Option<WriteOp>, Option<AuditRecord>)];
 
-/// The audit chain's head: the last event's sequence number and MAC.
-type ChainHead = (i64, [u8; 32]);
-
-/// An event linked into the chain: its sequence number, the event, its MAC.
-type Linked<'e> = (i64, &'e AuditRecord, [u8; 32]);
-
 /// Commits `jobs` in one transaction; one result per job, in order.
 async fn commit_batch(
     backend: &Backend,
     linker: Option<&dyn ChainLinker>,
     jobs: &Jobs,
-    head: &mut Option<ChainHead>,
 ) -> Vec<Result<WriteOutcome, StoreError>> {
     let started = std::time::Instant::now();
-    let committed = try_commit_batch(backend, linker, jobs, head).await;
-    if committed.is_err() {
-        // Whether the failed transaction moved the head is not known: read it again next time.
-        *head = None;
-    }
+    let committed = try_commit_batch(backend, linker, jobs).await;
     metrics::histogram!("kluis_commit_batch_size").record(jobs.len() as f64);
     metrics::histogram!("kluis_audit_batch_size")
         .record(jobs.iter().filter(|(_, audit)| audit.is_some()).count() as f64);
@@ -1644,22 +1612,7 @@ async fn try_commit_batch(
     backend: &Backend,
     linker: Option<&dyn ChainLinker>,
     jobs: &Jobs,
-    head: &mut Option<ChainHead>,
 ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
-    // Fast path: on SQLite, a batch of events alone (reads, refusals) in one call.
-    if let (Backend::Sqlite(pool), Some(linker), Some(known)) = (backend, linker, *head)
-        && jobs.iter().all(|(op, _)| op.is_none())
-    {
-        let events: Vec<&AuditRecord> = jobs
-            .iter()
-            .filter_map(|(_, audit)| audit.as_ref())
-            .collect();
-        if let Some(moved) = append_events_sqlite(pool, linker, &events, known).await? {
-            *head = Some(moved);
-            return Ok(jobs.iter().map(|_| Ok(WriteOutcome::Recorded)).collect());
-        }
-        // Another process appended meanwhile: the general path reads the head.
-    }
     let head_sql = match backend {
         Backend::Sqlite(_) => "SELECT seq, mac FROM audit_head WHERE id = 1",
         // The row lock is the chain's one ordering point across instances; held from here to commit.
@@ -1782,19 +1735,34 @@ async fn try_commit_batch(
             .filter(|(_, r)| matches!(r, Some(Ok(_))))
             .filter_map(|((_, audit), _)| audit.as_ref())
             .collect();
-        let mut new_head = None;
         if !events.is_empty() {
             let linker = linker.ok_or_else(|| StoreError::Unavailable("audit chain key not loaded".into()))?;
             let (head_seq, head_mac): (i64, Vec<u8>) = sqlx::query_as(head_sql).fetch_one(&mut *tx).await?;
-            let head_mac: [u8; 32] = head_mac
+            let mut prev: [u8; 32] = head_mac
                 .try_into()
                 .map_err(|_| StoreError::Corrupt("audit_head.mac".into()))?;
-            let (linked, prev) = link_events(linker, (head_seq, head_mac), &events);
+            let mut linked = Vec::with_capacity(events.len());
+            for (n, event) in events.iter().enumerate() {
+                let seq = head_seq + 1 + n as i64;
+                let mac = linker.link(seq, &prev, &event.body);
+                linked.push((seq, *event, mac));
+                prev = mac;
+            }
             for chunk in linked.chunks(256) {
                 let mut q = sqlx::QueryBuilder::new(
                     "INSERT INTO audit_events (seq, at_us, caller, purpose, method, outcome, subjects, body, mac) ",
                 );
-                push_audit_values!(q, chunk);
+                q.push_values(chunk.iter(), |mut b, (seq, e, mac)| {
+                    b.push_bind(*seq)
+                        .push_bind(e.at_us)
+                        .push_bind(e.caller.clone())
+                        .push_bind(e.purpose.clone())
+                        .push_bind(e.method.clone())
+                        .push_bind(e.outcome.clone())
+                        .push_bind(super::audit::subjects_column(&e.subjects))
+                        .push_bind(e.body.clone())
+                        .push_bind(mac.to_vec());
+                });
                 q.build().execute(&mut *tx).await?;
             }
             sqlx::query("UPDATE audit_head SET seq = $1, mac = $2 WHERE id = 1")
@@ -1802,87 +1770,15 @@ async fn try_commit_batch(
                 .bind(prev.to_vec())
                 .execute(&mut *tx)
                 .await?;
-            new_head = Some((head_seq + linked.len() as i64, prev));
         }
         let commit_started = std::time::Instant::now();
         tx.commit().await?;
-        if new_head.is_some() {
-            *head = new_head;
-        }
         tracing::trace!(commit_us = commit_started.elapsed().as_micros() as u64, "commit");
         Ok(results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(StoreError::Database("write not applied".into()))))
             .collect())
     })
-}
-
-/// Links `events` after `head`: each with its sequence number and MAC, and the new head's MAC.
-fn link_events<'e>(
-    linker: &dyn ChainLinker,
-    (head_seq, head_mac): ChainHead,
-    events: &[&'e AuditRecord],
-) -> (Vec<Linked<'e>>, [u8; 32]) {
-    let mut prev = head_mac;
-    let mut linked = Vec::with_capacity(events.len());
-    for (n, event) in events.iter().enumerate() {
-        let seq = head_seq + 1 + n as i64;
-        let mac = linker.link(seq, &prev, &event.body);
-        linked.push((seq, *event, mac));
-        prev = mac;
-    }
-    (linked, prev)
-}
-
-/// Links `events` after `head` and appends them on SQLite in one multi-statement call — begin,
-/// insert, advance the head, commit — instead of five round trips to sqlx's connection thread.
-/// The insert and the head's update apply only if the head is still `head`; if another process
-/// appended meanwhile, nothing is written and the answer is `None`. Returns the new head.
-async fn append_events_sqlite(
-    pool: &sqlx::SqlitePool,
-    linker: &dyn ChainLinker,
-    events: &[&AuditRecord],
-    (head_seq, head_mac): ChainHead,
-) -> Result<Option<ChainHead>, StoreError> {
-    if events.is_empty() {
-        return Ok(Some((head_seq, head_mac)));
-    }
-    let (linked, prev) = link_events(linker, (head_seq, head_mac), events);
-    let new_seq = head_seq + linked.len() as i64;
-    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-        "BEGIN IMMEDIATE; \
-         INSERT INTO audit_events (seq, at_us, caller, purpose, method, outcome, subjects, body, mac) \
-         SELECT * FROM (",
-    );
-    push_audit_values!(q, &linked);
-    q.push(") WHERE EXISTS (SELECT 1 FROM audit_head WHERE id = 1 AND seq = ")
-        .push_bind(head_seq)
-        .push(" AND mac = ")
-        .push_bind(head_mac.to_vec())
-        .push("); UPDATE audit_head SET seq = ")
-        .push_bind(new_seq)
-        .push(", mac = ")
-        .push_bind(prev.to_vec())
-        .push(" WHERE id = 1 AND seq = ")
-        .push_bind(head_seq)
-        .push(" AND mac = ")
-        .push_bind(head_mac.to_vec())
-        // The one row returned says the head was still ours (SQLite's change count cannot:
-        // after COMMIT it still reports the last DML statement's).
-        .push(" RETURNING seq; COMMIT");
-    let mut conn = pool.acquire().await?;
-    match q.build().fetch_all(&mut *conn).await {
-        Ok(rows) if rows.len() == 1 => Ok(Some((new_seq, prev))),
-        Ok(_) => Ok(None),
-        Err(e) => {
-            // The statements stop at the first error, possibly inside the transaction: closing
-            // the connection rolls that back, and the pool opens a fresh one.
-            if let Err(close) = conn.close().await {
-                tracing::debug!(error = %close, "closing the writer connection after a failed append");
-            }
-            Err(e.into())
-        }
-    }
 }
 
 #[cfg(test)]

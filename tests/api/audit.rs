@@ -718,9 +718,9 @@ async fn two_instances_under_concurrent_load_keep_one_valid_chain() {
     raw.close().await;
 }
 
-/// Each instance's writer remembers the chain head of its own last commit and appends a batch of
-/// read events against it; after the other instance appended, that head is stale and the append
-/// must notice (and link to the real head), or the chain would fork or lose events.
+/// Reads answered alternately by two instances on one database: each one's event links to the
+/// head the other instance left (an instance that linked to a head it remembered would fork the
+/// chain or collide on its sequence number).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_alternating_between_two_instances_extend_one_chain_in_turn() {
     let a = spawn_kluis().await;
