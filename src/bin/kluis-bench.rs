@@ -482,6 +482,9 @@ async fn bench(
 
     if let Some(s) = server.as_deref() {
         report.rss_end = proc_memory(s.pid());
+        report.wal_end = std::fs::metadata(s.dir.join("kluis.db-wal"))
+            .ok()
+            .map(|m| m.len());
     }
     report.print_footer(cli, backend);
     if let Some(s) = server.as_deref() {
@@ -1545,6 +1548,8 @@ struct Report {
     tls: Option<(f64, f64, u64)>,
     rss_after_seed: Option<(f64, f64)>,
     rss_end: Option<(f64, f64)>,
+    /// Size of the spawned server's SQLite WAL file at the end, in bytes.
+    wal_end: Option<u64>,
 }
 
 impl Report {
@@ -1612,6 +1617,12 @@ impl Report {
         }
         if let Some((rss, hwm)) = self.rss_end {
             println!("server memory at the end:    RSS {rss:.1} MB, peak {hwm:.1} MB");
+        }
+        if let Some(bytes) = self.wal_end {
+            println!(
+                "SQLite WAL file at the end:  {:.1} MiB (cut back to 64 MiB each time it starts over)",
+                bytes as f64 / 1_048_576.0
+            );
         }
 
         let mut differs = Vec::new();

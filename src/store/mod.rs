@@ -161,29 +161,74 @@ impl TryFrom<RawSubjectRow> for SubjectRow {
     }
 }
 
+/// How long a SQLite statement waits for a lock another connection holds.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the WAL is copied back into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+/// Every how many checkpoints one starts the WAL over (see [`checkpoint_loop`]): once a second.
+const WAL_RESTART_EVERY: u64 = 4;
+/// How long a WAL restart waits for the writer's transaction and for readers still inside the
+/// WAL before it gives up until next time; meanwhile commits wait, so it is short.
+const WAL_RESTART_WAIT: Duration = Duration::from_millis(50);
+/// The size the WAL file is cut back to when it starts over (SQLite's `journal_size_limit`):
+/// 64 MiB, about a second of writes under full load.
+const WAL_SIZE_LIMIT: &str = "67108864";
 
 /// Copies committed WAL frames into the database file from a reader connection, so the writer's
-/// commits never stop to checkpoint. PASSIVE never blocks readers or the writer; the WAL starts
-/// over once a checkpoint completed. Ends when the pool is closed.
+/// commits never stop to checkpoint. PASSIVE never blocks readers or the writer. Ends when the
+/// pool is closed.
+///
+/// Every [`WAL_RESTART_EVERY`]th round is a RESTART checkpoint instead, which also starts the WAL
+/// over from its beginning. Under steady reads and writes passive checkpoints alone never catch up
+/// with the head at a moment no reader is inside the WAL, so SQLite never starts it over and keeps
+/// appending: the file grew by about 60 MB/s under a 10,000 get/s load, every new frame a freshly
+/// allocated, zero-filled page in the kernel. A RESTART holds off the writer while it copies what
+/// the last passive round left and waits (at most [`WAL_RESTART_WAIT`]) for readers to leave the
+/// WAL; if they do not, it gives up until next time.
 async fn checkpoint_loop(pool: Pool<Sqlite>) {
     let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for round in 1u64.. {
         tick.tick().await;
         if pool.is_closed() {
             return;
         }
-        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
-            .fetch_one(&pool)
-            .await
-        {
-            Ok((busy, log, done)) => tracing::trace!(busy, log, done, "checkpoint"),
+        let result = if round % WAL_RESTART_EVERY == 0 {
+            restart_wal(&pool).await
+        } else {
+            sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&pool)
+                .await
+        };
+        match result {
+            Ok((busy, log, done)) => tracing::trace!(busy, log, done, round, "checkpoint"),
             Err(sqlx::Error::PoolClosed) => return,
             Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
         }
     }
+}
+
+/// A RESTART checkpoint that waits for locks at most [`WAL_RESTART_WAIT`].
+async fn restart_wal(pool: &Pool<Sqlite>) -> Result<(i64, i64, i64), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    // Built from a number only.
+    let wait =
+        |d: Duration| sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {}", d.as_millis()));
+    sqlx::query(wait(WAL_RESTART_WAIT))
+        .execute(&mut *conn)
+        .await?;
+    let result = sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
+        .fetch_one(&mut *conn)
+        .await;
+    if let Err(e) = sqlx::query(wait(SQLITE_BUSY_TIMEOUT))
+        .execute(&mut *conn)
+        .await
+    {
+        // Never leave a pooled connection with the short wait: a fresh one gets the usual one.
+        conn.close().await.ok();
+        return Err(e);
+    }
+    result
 }
 
 /// Creates the SQLite file readable by its owner only (SQLite gives its -wal and -shm files the
@@ -296,7 +341,8 @@ impl Store {
                 // Every acknowledged write survives power loss.
                 .synchronous(SqliteSynchronous::Full)
                 .foreign_keys(true)
-                .busy_timeout(Duration::from_secs(10))
+                .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                .pragma("journal_size_limit", WAL_SIZE_LIMIT)
                 // Statement journals (savepoints) in memory, not in temp files.
                 .pragma("temp_store", "memory");
             create_private_file(options.get_filename())?;
@@ -580,5 +626,104 @@ impl Store {
             "UPDATE callers SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
             .bind(now).bind(id_owned).execute(pool).await.map(|_| ()))?;
         self.caller(id).await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use sqlx::{Connection, sqlite::SqliteConnection};
+
+    fn options(dir: &std::path::Path) -> SqliteConnectOptions {
+        SqliteConnectOptions::new()
+            .filename(dir.join("t.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(SQLITE_BUSY_TIMEOUT)
+            .pragma("wal_autocheckpoint", "0")
+    }
+
+    /// One connection, so every statement below runs on the one `restart_wal` used.
+    async fn pool_with_frames(dir: &std::path::Path) -> Pool<Sqlite> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options(dir))
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE t (v BLOB)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        insert(&pool, 20).await;
+        pool
+    }
+
+    async fn insert(pool: &Pool<Sqlite>, rows: usize) {
+        for _ in 0..rows {
+            sqlx::query("INSERT INTO t (v) VALUES (zeroblob(4000))")
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// The WAL header's checkpoint sequence number, which SQLite advances each time the WAL
+    /// starts over from its beginning (https://sqlite.org/fileformat.html#the_write_ahead_log).
+    fn wal_restarts(dir: &std::path::Path) -> u32 {
+        let wal = std::fs::read(dir.join("t.db-wal")).unwrap();
+        u32::from_be_bytes(wal[12..16].try_into().unwrap())
+    }
+
+    async fn busy_timeout_ms(pool: &Pool<Sqlite>) -> i64 {
+        sqlx::query_scalar("PRAGMA busy_timeout")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_checkpoint_the_next_commit_writes_the_wal_from_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool_with_frames(dir.path()).await;
+        let before = wal_restarts(dir.path());
+        let (busy, log, done) = restart_wal(&pool).await.unwrap();
+        assert_eq!((busy, done), (0, log), "every frame copied back");
+        insert(&pool, 1).await;
+        assert_eq!(wal_restarts(dir.path()), before + 1);
+        assert_eq!(busy_timeout_ms(&pool).await, 10_000, "the usual wait again");
+    }
+
+    #[tokio::test]
+    async fn a_restart_checkpoint_gives_up_soon_while_a_reader_stays_inside_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool_with_frames(dir.path()).await;
+        // A reader whose snapshot is older than the WAL's head keeps it from starting over.
+        let mut reader = SqliteConnection::connect_with(&options(dir.path()))
+            .await
+            .unwrap();
+        let mut snapshot = reader.begin().await.unwrap();
+        let _: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+            .fetch_one(&mut *snapshot)
+            .await
+            .unwrap();
+        insert(&pool, 5).await;
+        let before = wal_restarts(dir.path());
+        let started = std::time::Instant::now();
+        let (busy, _, _) = restart_wal(&pool).await.unwrap();
+        assert_eq!(busy, 1, "the restart could not finish");
+        assert!(
+            started.elapsed() < SQLITE_BUSY_TIMEOUT / 2,
+            "it gave up after its own short wait, not the usual one: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(busy_timeout_ms(&pool).await, 10_000, "the usual wait again");
+        insert(&pool, 1).await;
+        assert_eq!(
+            wal_restarts(dir.path()),
+            before,
+            "the WAL went on where it was"
+        );
+        snapshot.rollback().await.unwrap();
     }
 }
