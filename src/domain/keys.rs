@@ -325,6 +325,10 @@ pub struct Keys {
     reindex_wake: Notify,
     /// One reload at a time when reads meet a KEK version not loaded yet.
     loading: tokio::sync::Mutex<()>,
+    /// One refresh at a time, loading and installing together: otherwise a periodic refresh
+    /// that read the keys just before a rotation committed could install its older keyring after
+    /// the rotation's own refresh, and new data keys would be wrapped under the demoted KEK.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -356,6 +360,7 @@ impl Keys {
             refresh_wake: Notify::new(),
             reindex_wake: Notify::new(),
             loading: tokio::sync::Mutex::new(()),
+            refreshing: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -385,6 +390,7 @@ impl Keys {
     /// Reloads the keyring from the database (versions added or retired meanwhile); when a key
     /// is wrapped under a root-key version this instance does not hold, asks the key source again.
     pub async fn refresh(&self) -> Result<(), KeyringError> {
+        let _one = self.refreshing.lock().await;
         let ring = match load_keyring(&self.store, &self.roots()).await {
             Err(KeyringError::Crypto(CryptoError::UnknownKeyVersion { kind: "root", .. }))
                 if self.source.is_some() =>
