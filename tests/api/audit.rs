@@ -708,14 +708,20 @@ async fn two_instances_under_concurrent_load_keep_one_valid_chain() {
     );
     let report = verify(&b).await;
     assert!(report.intact, "{report:?}");
-    let raw = a.db.raw().await;
+    assert_gap_free_chain(&a).await;
+}
+
+/// Asserts the events are numbered 1..n without gaps, the head at n; returns n.
+async fn assert_gap_free_chain(app: &TestApp) -> i64 {
+    let raw = app.db.raw().await;
     let (count, max, head): (i64, i64, i64) = (
         raw.count_all("SELECT COUNT(*) FROM audit_events").await,
         raw.count_all("SELECT MAX(seq) FROM audit_events").await,
         raw.count_all("SELECT seq FROM audit_head").await,
     );
-    assert_eq!((max, head), (count, count), "seq 1..n without gaps");
     raw.close().await;
+    assert_eq!((max, head), (count, count), "seq 1..n without gaps");
+    max
 }
 
 /// Reads answered alternately by two instances on one database: each one's event links to the
@@ -731,15 +737,8 @@ async fn reads_alternating_between_two_instances_extend_one_chain_in_turn() {
         a.get(&subject.id).await.unwrap();
         b.get(&subject.id).await.unwrap();
     }
-    let raw = a.db.raw().await;
-    let (count, max, head): (i64, i64, i64) = (
-        raw.count_all("SELECT COUNT(*) FROM audit_events").await,
-        raw.count_all("SELECT MAX(seq) FROM audit_events").await,
-        raw.count_all("SELECT seq FROM audit_head").await,
-    );
-    raw.close().await;
+    let max = assert_gap_free_chain(&a).await;
     assert_eq!(max - before, 10, "one event per get, none lost");
-    assert_eq!((max, head), (count, count), "seq 1..n without gaps");
     for app in [&a, &b] {
         let report = verify(app).await;
         assert!(report.intact, "{report:?}");
