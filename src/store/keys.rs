@@ -102,10 +102,11 @@ impl Store {
         let rows: Vec<Row> = on_pool!(&self.backend, pool => {
             let mut q = sqlx::QueryBuilder::new(
                 "SELECT DISTINCT b.subject_id, s.retention, s.restricted_at FROM blind_index b \
-                 JOIN subjects s ON s.id = b.subject_id WHERE b.path = ",
+                 JOIN subjects s ON s.id = b.subject_id WHERE b.path = CAST(",
             );
+            // CAST, not a bare parameter: see the module docs of `store`.
             q.push_bind(path);
-            q.push(" AND b.digest IN (");
+            q.push(" AS TEXT) AND b.digest IN (");
             let mut list = q.separated(", ");
             for digest in digests {
                 list.push_bind(digest.to_vec());

@@ -188,10 +188,11 @@ async fn find_many(
             }
             q.push(format!(
                 "SELECT k, subject_id, retention, restricted_at FROM (SELECT CAST({i} AS BIGINT) AS k, \
-                 b.subject_id, s.retention, s.restricted_at FROM blind_index b JOIN subjects s ON s.id = b.subject_id WHERE b.path = "
+                 b.subject_id, s.retention, s.restricted_at FROM blind_index b JOIN subjects s ON s.id = b.subject_id WHERE b.path = CAST("
             ));
+            // CAST, not a bare parameter: see the module docs of `store`.
             q.push_bind(r.path);
-            q.push(" AND b.digest = ");
+            q.push(" AS TEXT) AND b.digest = ");
             q.push_bind(r.digest.to_vec());
             q.push(" ORDER BY b.subject_id LIMIT ");
             q.push_bind(i64::from(r.limit));
