@@ -11,7 +11,9 @@ use std::{collections::HashMap, sync::Arc};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{Backend, Found, RawSubjectRow, StoreError, SubjectRow, on_pool, uuid_from};
+use super::{
+    Backend, Found, RawSubjectRow, StoreError, SubjectRow, on_pool, padded_len, uuid_from,
+};
 
 const MAX_BATCH: usize = 64;
 /// Batches in flight at once per kind of read (each holds one pooled connection while it runs).
@@ -72,16 +74,11 @@ impl ReadCoalescer {
     }
 }
 
-/// The next of 1, 2, 4, …, [`MAX_BATCH`] at or above `n`. Id lists are padded to these sizes, so
+/// Pads a non-empty id list to [`padded_len`] by repeating the last id (`IN` ignores repeats), so
 /// each connection prepares (and caches) a handful of statements instead of one per batch size.
-fn bucket(n: usize) -> usize {
-    n.max(1).next_power_of_two().min(MAX_BATCH.max(n))
-}
-
-/// Pads a non-empty id list to its bucket size by repeating the last id (`IN` ignores repeats).
-fn pad_to_bucket(ids: &mut Vec<Uuid>) {
+fn pad_ids(ids: &mut Vec<Uuid>) {
     if let Some(&last) = ids.last() {
-        ids.resize(bucket(ids.len()), last);
+        ids.resize(padded_len(ids.len()), last);
     }
 }
 
@@ -98,7 +95,7 @@ async fn subject_worker(backend: Backend, rx: Arc<Mutex<mpsc::Receiver<(Uuid, Su
         let mut ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
         ids.sort_unstable();
         ids.dedup();
-        pad_to_bucket(&mut ids);
+        pad_ids(&mut ids);
         match subjects_by_id(&backend, &ids).await {
             Ok(mut rows) => {
                 for (id, reply) in batch.drain(..) {
@@ -223,11 +220,11 @@ mod tests {
     fn batch_sizes_round_up_to_powers_of_two() {
         let sizes: Vec<usize> = [1, 2, 3, 5, 17, 63, 64]
             .iter()
-            .map(|n| bucket(*n))
+            .map(|n| padded_len(*n))
             .collect();
         assert_eq!(sizes, vec![1, 2, 4, 8, 32, 64, 64]);
         let mut ids = vec![Uuid::nil(), Uuid::max(), Uuid::from_u128(7)];
-        pad_to_bucket(&mut ids);
+        pad_ids(&mut ids);
         assert_eq!(ids.len(), 4);
         assert_eq!(ids[3], Uuid::from_u128(7));
     }

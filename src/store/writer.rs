@@ -17,7 +17,8 @@ use uuid::Uuid;
 use std::sync::{Arc, OnceLock};
 
 use super::{
-    AuditRecord, Backend, ChainLinker, IndexEntry, StoreError, SubjectRow, on_pool, uuid_from,
+    AuditRecord, Backend, ChainLinker, IndexEntry, StoreError, SubjectRow, on_pool, padded_len,
+    uuid_from,
 };
 
 /// Largest number of requests committed in one transaction.
@@ -676,18 +677,6 @@ macro_rules! retention_conflict {
             Err(e) => StoreError::from(e),
         }
     };
-}
-
-/// The rows a bulk statement of `n` rows is padded to: a power of two up to 32, then a multiple of
-/// 32. A statement's text then takes one of a few forms, each prepared once per connection and
-/// cached, instead of one per batch size: re-preparing a sweep's varying bulk statements was 14 %
-/// of the writer's time in a profile of a full-speed sweep.
-fn padded_len(n: usize) -> usize {
-    if n <= 32 {
-        n.max(1).next_power_of_two()
-    } else {
-        n.div_ceil(32) * 32
-    }
 }
 
 /// The subject id of a padding row: the nil UUID, which no subject has (ids are random v4/v7),
