@@ -11,6 +11,7 @@
 //! spent 6 % of the server's time in `sqlite3Reprepare`, most of it on its bulk index delete).
 //! A cast is no bare parameter; the primary key (path, digest, subject_id) still serves the lookup.
 
+mod appender;
 mod audit;
 mod keys;
 mod reader;
@@ -353,7 +354,7 @@ pub struct Durability {
 impl Store {
     /// Opens (creating a SQLite file if missing) and migrates the database at `url`.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let (backend, write_backend) = if url.starts_with("sqlite:") {
+        let (backend, write_backend, appender) = if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)
                 .map_err(|e| StoreError::Url(e.to_string()))?
                 .create_if_missing(true)
@@ -366,6 +367,7 @@ impl Store {
                 // Statement journals (savepoints) in memory, not in temp files.
                 .pragma("temp_store", "memory");
             create_private_file(options.get_filename())?;
+            let file = options.get_filename().to_path_buf();
             // Readers and the one writer get pools of their own: WAL lets them run side by side,
             // and the writer's larger page cache holds the B-tree pages it keeps touching. The pool
             // does not ping a local file before every use (a whole worker round trip per query).
@@ -390,7 +392,8 @@ impl Store {
                 .connect_with(options.pragma("cache_size", "-4096"))
                 .await?;
             tokio::spawn(checkpoint_loop(read.clone()));
-            (Backend::Sqlite(read), Backend::Sqlite(write))
+            let appender = appender::DirectAppender::open(&file)?;
+            (Backend::Sqlite(read), Backend::Sqlite(write), appender)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let options =
                 PgConnectOptions::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
@@ -399,7 +402,11 @@ impl Store {
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(options)
                 .await?;
-            (Backend::Postgres(pool.clone()), Backend::Postgres(pool))
+            (
+                Backend::Postgres(pool.clone()),
+                Backend::Postgres(pool),
+                None,
+            )
         } else {
             return Err(StoreError::Url(
                 "expected sqlite://… or postgres://…".into(),
@@ -410,6 +417,7 @@ impl Store {
             writer: Arc::new(writer::GroupCommitter::start(
                 write_backend.clone(),
                 linker.clone(),
+                appender,
             )),
             linker,
             reader: Arc::new(reader::ReadCoalescer::start(backend.clone())),
