@@ -1,8 +1,9 @@
 //! Persistence behind one `Store` type with a SQLite and a PostgreSQL backend (sqlx, runtime
 //! queries). Rows hold only ciphertexts, wrapped keys, HMAC digests and metadata — never plaintext.
 //!
-//! Reads go straight to the pool; subject writes go through the group committer ([`writer`]), which
-//! drains concurrent requests into one transaction per batch.
+//! Reads go straight to the pool, except a subject by id on a SQLite file, read on the calling
+//! thread over a direct connection ([`inline_reader`]); subject writes go through the group
+//! committer ([`writer`]), which drains concurrent requests into one transaction per batch.
 //!
 //! Blind-index paths are compared as `path = CAST($n AS TEXT)`, never `path = $n`. SQLite checks
 //! a bare `path = $n` against the partial index `blind_index_unique_username` (`WHERE path =
@@ -13,6 +14,7 @@
 
 mod appender;
 mod audit;
+mod inline_reader;
 mod keys;
 mod reader;
 mod retention;
@@ -116,7 +118,7 @@ fn transient(code: &str) -> bool {
 }
 
 /// A subject's row: the wrapped data key and the sealed record.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubjectRow {
     pub id: Uuid,
     pub dek_id: Uuid,
@@ -338,6 +340,8 @@ pub struct Store {
     write_backend: Backend,
     writer: Arc<writer::GroupCommitter>,
     reader: Arc<reader::ReadCoalescer>,
+    /// SQLite files: a subject by id is read on the calling thread ([`inline_reader`]).
+    inline: Option<Arc<inline_reader::InlineReader>>,
     /// Links audit events into the chain; set once the keyring is open.
     linker: Arc<OnceLock<Arc<dyn ChainLinker>>>,
 }
@@ -354,7 +358,7 @@ pub struct Durability {
 impl Store {
     /// Opens (creating a SQLite file if missing) and migrates the database at `url`.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let (backend, write_backend, appender) = if url.starts_with("sqlite:") {
+        let (backend, write_backend, appender, inline) = if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)
                 .map_err(|e| StoreError::Url(e.to_string()))?
                 .create_if_missing(true)
@@ -393,7 +397,13 @@ impl Store {
                 .await?;
             tokio::spawn(checkpoint_loop(read.clone()));
             let appender = appender::DirectAppender::open(&file)?;
-            (Backend::Sqlite(read), Backend::Sqlite(write), appender)
+            let inline = inline_reader::InlineReader::new(&file).map(Arc::new);
+            (
+                Backend::Sqlite(read),
+                Backend::Sqlite(write),
+                appender,
+                inline,
+            )
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let options =
                 PgConnectOptions::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
@@ -405,6 +415,7 @@ impl Store {
             (
                 Backend::Postgres(pool.clone()),
                 Backend::Postgres(pool),
+                None,
                 None,
             )
         } else {
@@ -421,6 +432,7 @@ impl Store {
             )),
             linker,
             reader: Arc::new(reader::ReadCoalescer::start(backend.clone())),
+            inline,
             backend,
             write_backend,
         };
@@ -555,8 +567,12 @@ impl Store {
 
     // ---- subjects ---------------------------------------------------------------------------
 
-    /// One subject's row; concurrent calls are coalesced into one query ([`reader`]).
+    /// One subject's row: read inline from a SQLite file ([`inline_reader`]), else coalesced
+    /// with concurrent calls into one query ([`reader`]).
     pub async fn subject(&self, id: Uuid) -> Result<Option<SubjectRow>, StoreError> {
+        if let Some(inline) = &self.inline {
+            return inline.subject(id);
+        }
         self.reader.subject(id).await
     }
 

@@ -1,0 +1,206 @@
+//! SQLite only: a subject's row by id, read on the calling thread over a direct connection
+//! (rusqlite) taken from a small idle list, instead of being handed to the read coalescer and sqlx's
+//! connection threads.
+//!
+//! A point read by primary key is a few B-tree pages from the operating system's page cache: tens
+//! of microseconds, less than the hand-offs it replaces (tokio task → coalescer → sqlx's worker
+//! thread → back), each of which waits for a CPU under load. It blocks the calling worker for that
+//! long and no longer: the read runs in autocommit, so it holds no lock and stays inside the WAL
+//! only for the statement, and WAL readers never wait for the writer. A database file evicted from
+//! the page cache would make these reads wait for the disk on a runtime worker; kluis's database is
+//! small enough to stay cached on a serving machine.
+//!
+//! Each connection is opened read-only and caches its prepared statement. Connections are opened
+//! when no idle one is left and kept up to [`MAX_IDLE`]; at most as many are in use as threads read
+//! at once. An in-memory database has no inline reader (a second connection would not share it).
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Mutex, PoisonError},
+};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use uuid::Uuid;
+
+use super::{RawSubjectRow, SQLITE_BUSY_TIMEOUT, StoreError, SubjectRow};
+
+/// Idle connections kept for the next read (about one per runtime worker and blocking thread).
+const MAX_IDLE: usize = 4;
+
+const SUBJECT_BY_ID: &str = "SELECT s.id, k.dek_id, k.kek_version, k.wrapped_dek, s.record, \
+     s.version, s.created_at, s.updated_at, s.retention, s.retention_version, s.restricted_at \
+     FROM subjects s JOIN data_keys k ON k.subject_id = s.id WHERE s.id = ?1";
+
+/// Read-only connections to one database file, used one per read.
+pub(super) struct InlineReader {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl InlineReader {
+    /// An inline reader of the database file at `path`; `None` for an in-memory database.
+    /// Connections are opened on first use, after the migrations.
+    pub(super) fn new(path: &Path) -> Option<Self> {
+        let name = path.as_os_str();
+        if name.is_empty() || name == ":memory:" || path.starts_with("file:") {
+            return None;
+        }
+        Some(Self {
+            path: path.to_path_buf(),
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The subject's row, or `None` when no subject has that id.
+    pub(super) fn subject(&self, id: Uuid) -> Result<Option<SubjectRow>, StoreError> {
+        let conn = match self.lock().pop() {
+            Some(conn) => conn,
+            None => connect(&self.path)?,
+        };
+        let raw = read_subject(&conn, id);
+        // A connection whose read failed is dropped, not reused: the next read opens a fresh one.
+        if raw.is_ok() {
+            let mut idle = self.lock();
+            if idle.len() < MAX_IDLE {
+                idle.push(conn);
+            }
+        }
+        raw?.map(SubjectRow::try_from).transpose()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+        // The list holds connections only; a panic elsewhere leaves it usable.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(SQLITE_BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "cache_size", -4096)?;
+    Ok(conn)
+}
+
+fn read_subject(conn: &Connection, id: Uuid) -> Result<Option<RawSubjectRow>, StoreError> {
+    let mut statement = conn.prepare_cached(SUBJECT_BY_ID)?;
+    let raw = statement
+        .query_row([id.as_bytes().as_slice()], |r| {
+            Ok(RawSubjectRow {
+                id: r.get(0)?,
+                dek_id: r.get(1)?,
+                kek_version: r.get(2)?,
+                wrapped_dek: r.get(3)?,
+                record: r.get(4)?,
+                version: r.get(5)?,
+                created_at: r.get(6)?,
+                updated_at: r.get(7)?,
+                retention: r.get(8)?,
+                retention_version: r.get(9)?,
+                restricted_at: r.get(10)?,
+            })
+        })
+        .optional()?;
+    Ok(raw)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    async fn store_in(dir: &tempfile::TempDir) -> (Store, PathBuf) {
+        let path = dir.path().join("kluis.db");
+        let store = Store::open(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        (store, path)
+    }
+
+    /// A subject under KEK v1 (whose key row the create checks for).
+    async fn insert_subject(store: &Store) -> Uuid {
+        let super::super::Backend::Sqlite(pool) = &store.write_backend else {
+            panic!("a SQLite store")
+        };
+        sqlx::query(
+            "INSERT INTO keys (kind, version, state, root_version, wrapped, created_at) \
+             VALUES ('kek', 1, 'active', 1, x'00', 1) ON CONFLICT DO NOTHING",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        let id = Uuid::new_v4();
+        let row = SubjectRow {
+            id,
+            dek_id: Uuid::new_v4(),
+            kek_version: 1,
+            wrapped_dek: vec![7; 60],
+            record: vec![9; 1500],
+            version: 1,
+            created_at: 1_000,
+            updated_at: 2_000,
+            retention: Some(vec![1, 2, 3]),
+            retention_version: 4,
+            restricted_at: Some(3_000),
+        };
+        store
+            .write(crate::store::WriteOp::Create { row, index: vec![] })
+            .await
+            .unwrap();
+        id
+    }
+
+    #[tokio::test]
+    async fn an_inline_read_returns_the_row_the_coalescer_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_in(&dir).await;
+        let id = insert_subject(&store).await;
+        let inline = store.inline.as_ref().expect("a file database reads inline");
+        let direct = inline.subject(id).unwrap().expect("the subject exists");
+        let coalesced = store.reader.subject(id).await.unwrap().unwrap();
+        assert_eq!(direct, coalesced);
+        assert_eq!(inline.subject(Uuid::new_v4()).unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn connections_are_reused_not_opened_per_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, path) = store_in(&dir).await;
+        let reader = InlineReader::new(&path).unwrap();
+        for _ in 0..50 {
+            assert_eq!(reader.subject(Uuid::new_v4()).unwrap(), None);
+        }
+        assert_eq!(reader.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_reports_the_code_only_and_drops_its_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, path) = store_in(&dir).await;
+        let reader = InlineReader::new(&path).unwrap();
+        assert_eq!(reader.subject(Uuid::new_v4()).unwrap(), None);
+        // A table the statement needs is gone: SQLite's message would name it.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA foreign_keys = OFF; DROP TABLE data_keys;")
+            .unwrap();
+        let error = reader.subject(Uuid::new_v4()).unwrap_err().to_string();
+        assert!(error.contains("code"), "{error}");
+        assert!(!error.contains("data_keys"), "{error}");
+        assert_eq!(reader.idle_count(), 0);
+    }
+
+    #[test]
+    fn an_in_memory_database_has_no_inline_reader() {
+        assert!(InlineReader::new(Path::new(":memory:")).is_none());
+        assert!(InlineReader::new(Path::new("")).is_none());
+    }
+}
