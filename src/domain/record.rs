@@ -2,10 +2,18 @@
 //!
 //! Each leaf is encoded (prost), sealed on its own under the subject's DEK with associated data
 //! `subject ‖ path ‖ DEK id`, and kept with its last-change time and source in one record blob.
+//!
+//! Reads decode the blob in place ([`RecordRef`]): each leaf's path, nonce, ciphertext and source
+//! are borrowed from the stored bytes, and the leaves asked for are opened into one reused buffer.
+//! Decoding into [`SealedRecord`] copied every leaf of a ~2 KB record into four allocations of its
+//! own on every `GetSubject`; writes still use [`SealedRecord`], which they change.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use prost::Message;
+use prost::{
+    Message,
+    encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field},
+};
 use uuid::Uuid;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -278,11 +286,7 @@ impl SealedRecord {
 
     /// The paths stored, known without opening anything.
     pub fn paths(&self) -> crate::policy::PathSet {
-        crate::policy::PathSet::from_paths(
-            self.fields
-                .iter()
-                .filter_map(|f| FieldPath::from_leaf(&f.path)),
-        )
+        paths_of(self.fields.iter().map(LeafRef::from))
     }
 
     /// Opens the leaves in `paths` that are stored. A leaf that fails authentication is
@@ -292,36 +296,149 @@ impl SealedRecord {
         cipher: &FieldCipher,
         paths: &[FieldPath],
     ) -> Result<BTreeMap<FieldPath, StoredField>, RecordError> {
-        let mut out = BTreeMap::new();
-        for field in &self.fields {
-            // A leaf a newer kluis added (paths are only ever added): not ours to read.
-            let Some(path) = FieldPath::from_leaf(&field.path) else {
-                continue;
-            };
-            if !paths.contains(&path) {
-                continue;
-            }
-            let nonce: [u8; 12] = field
-                .nonce
-                .as_slice()
-                .try_into()
-                .map_err(|_| RecordError::Field(field.path.clone()))?;
-            let plain = cipher
-                .open(&field.path, &nonce, &field.ciphertext)
-                .map_err(|_| RecordError::Field(field.path.clone()))?;
-            let value =
-                decode_leaf(path, &plain).ok_or_else(|| RecordError::Field(field.path.clone()))?;
-            out.insert(
-                path,
-                StoredField {
-                    value,
-                    updated_at_us: field.updated_at_us,
-                    source: field.source.clone(),
-                },
-            );
-        }
-        Ok(out)
+        open_leaves(self.fields.iter().map(LeafRef::from), cipher, paths)
     }
+}
+
+/// One sealed leaf as stored, borrowed from the record blob (or from a [`SealedField`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct LeafRef<'a> {
+    path: &'a str,
+    nonce: &'a [u8],
+    ciphertext: &'a [u8],
+    updated_at_us: i64,
+    source: &'a str,
+}
+
+impl<'a> From<&'a SealedField> for LeafRef<'a> {
+    fn from(f: &'a SealedField) -> Self {
+        Self {
+            path: &f.path,
+            nonce: &f.nonce,
+            ciphertext: &f.ciphertext,
+            updated_at_us: f.updated_at_us,
+            source: &f.source,
+        }
+    }
+}
+
+/// A record blob read in place, for reading only: it decodes exactly what
+/// [`SealedRecord::decode_blob`] decodes (the same leaves, the same blobs refused) without copying
+/// a leaf.
+pub struct RecordRef<'a> {
+    leaves: Vec<LeafRef<'a>>,
+}
+
+impl<'a> RecordRef<'a> {
+    pub fn decode(blob: &'a [u8]) -> Result<Self, RecordError> {
+        let mut buf = blob;
+        let mut leaves = Vec::with_capacity(32);
+        while !buf.is_empty() {
+            let (tag, wire) = decode_key(&mut buf).map_err(|_| RecordError::Undecodable)?;
+            if tag == 1 {
+                if wire != WireType::LengthDelimited {
+                    return Err(RecordError::Undecodable);
+                }
+                leaves.push(decode_leaf_ref(delimited(&mut buf)?)?);
+            } else {
+                skip_field(wire, tag, &mut buf, DecodeContext::default())
+                    .map_err(|_| RecordError::Undecodable)?;
+            }
+        }
+        Ok(Self { leaves })
+    }
+
+    /// The paths stored, known without opening anything.
+    pub fn paths(&self) -> crate::policy::PathSet {
+        paths_of(self.leaves.iter().copied())
+    }
+
+    /// Opens the leaves in `paths` that are stored, as [`SealedRecord::open`] does.
+    pub fn open(
+        &self,
+        cipher: &FieldCipher,
+        paths: &[FieldPath],
+    ) -> Result<BTreeMap<FieldPath, StoredField>, RecordError> {
+        open_leaves(self.leaves.iter().copied(), cipher, paths)
+    }
+}
+
+/// The next length-delimited value of `buf`, which moves past it.
+fn delimited<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], RecordError> {
+    let len = decode_varint(buf).map_err(|_| RecordError::Undecodable)?;
+    let len = usize::try_from(len).map_err(|_| RecordError::Undecodable)?;
+    if len > buf.len() {
+        return Err(RecordError::Undecodable);
+    }
+    let (value, rest) = buf.split_at(len);
+    *buf = rest;
+    Ok(value)
+}
+
+/// One `SealedField` message, as prost decodes it: a field seen twice keeps its last value, a
+/// known field of the wrong wire type or a string that is not UTF-8 is refused, and unknown
+/// fields are skipped.
+fn decode_leaf_ref(mut buf: &[u8]) -> Result<LeafRef<'_>, RecordError> {
+    let text = |bytes| std::str::from_utf8(bytes).map_err(|_| RecordError::Undecodable);
+    let mut leaf = LeafRef::default();
+    while !buf.is_empty() {
+        let (tag, wire) = decode_key(&mut buf).map_err(|_| RecordError::Undecodable)?;
+        match (tag, wire) {
+            (1, WireType::LengthDelimited) => leaf.path = text(delimited(&mut buf)?)?,
+            (2, WireType::LengthDelimited) => leaf.nonce = delimited(&mut buf)?,
+            (3, WireType::LengthDelimited) => leaf.ciphertext = delimited(&mut buf)?,
+            // prost reads an int64 as the varint's bits.
+            (4, WireType::Varint) => {
+                leaf.updated_at_us =
+                    decode_varint(&mut buf).map_err(|_| RecordError::Undecodable)? as i64;
+            }
+            (5, WireType::LengthDelimited) => leaf.source = text(delimited(&mut buf)?)?,
+            (1..=5, _) => return Err(RecordError::Undecodable),
+            (tag, wire) => skip_field(wire, tag, &mut buf, DecodeContext::default())
+                .map_err(|_| RecordError::Undecodable)?,
+        }
+    }
+    Ok(leaf)
+}
+
+fn paths_of<'a>(leaves: impl Iterator<Item = LeafRef<'a>>) -> crate::policy::PathSet {
+    crate::policy::PathSet::from_paths(leaves.filter_map(|l| FieldPath::from_leaf(l.path)))
+}
+
+/// Opens the leaves in `paths` among `leaves` into one reused plaintext buffer (zeroized when
+/// done). A leaf that fails authentication is `RecordError::Field` naming the path; leaves of paths
+/// this version does not know are skipped.
+fn open_leaves<'a>(
+    leaves: impl Iterator<Item = LeafRef<'a>>,
+    cipher: &FieldCipher,
+    paths: &[FieldPath],
+) -> Result<BTreeMap<FieldPath, StoredField>, RecordError> {
+    let mut out = BTreeMap::new();
+    let mut plain = Zeroizing::new(Vec::with_capacity(512));
+    for leaf in leaves {
+        // A leaf a newer kluis added (paths are only ever added): not ours to read.
+        let Some(path) = FieldPath::from_leaf(leaf.path) else {
+            continue;
+        };
+        if !paths.contains(&path) {
+            continue;
+        }
+        let damaged = || RecordError::Field(leaf.path.to_owned());
+        let nonce: [u8; 12] = leaf.nonce.try_into().map_err(|_| damaged())?;
+        cipher
+            .open_into(leaf.path, &nonce, leaf.ciphertext, &mut plain)
+            .map_err(|_| damaged())?;
+        let value = decode_leaf(path, &plain).ok_or_else(damaged)?;
+        out.insert(
+            path,
+            StoredField {
+                value,
+                updated_at_us: leaf.updated_at_us,
+                source: leaf.source.to_owned(),
+            },
+        );
+    }
+    Ok(out)
 }
 
 impl SealedRecord {
@@ -457,6 +574,141 @@ mod tests {
         assert_eq!(
             rec.open(&c, FieldPath::ALL),
             Err(RecordError::Field("name.family".into()))
+        );
+    }
+
+    /// A record with every kind of leaf, a leaf of a path this version does not know, an unknown
+    /// field inside a leaf and an unknown field of the record itself.
+    fn rich_blob(c: &FieldCipher) -> Vec<u8> {
+        let mut rec = SealedRecord::default();
+        rec.set(
+            c,
+            FieldPath::NameGiven,
+            &FieldValue::Text("Jan".into()),
+            11,
+            "portal",
+        )
+        .unwrap();
+        rec.set(c, FieldPath::ProfileGender, &FieldValue::Enum(2), -5, "")
+            .unwrap();
+        rec.set(
+            c,
+            FieldPath::ActivityLog,
+            &FieldValue::Activity(vec![ActivityRecord {
+                action: "login".into(),
+                time_us: Some(5),
+                ip: Some("192.0.2.1".parse().unwrap()),
+            }]),
+            i64::MAX,
+            "backend",
+        )
+        .unwrap();
+        rec.set(
+            c,
+            FieldPath::ContactEmail,
+            &FieldValue::Text("j@example.nl".into()),
+            3,
+            "b",
+        )
+        .unwrap();
+        rec.fields[3].path = "contact.pager".into();
+        let mut blob = rec.to_blob();
+        // An unknown varint field 9 inside the first leaf (its length grows by 2) …
+        assert_eq!(blob[0], 0x0a);
+        let first_len = usize::from(blob[1]);
+        assert!(first_len + 2 < 0x80);
+        blob[1] += 2;
+        blob.splice(2 + first_len..2 + first_len, [0x48, 0x07]);
+        // … and an unknown length-delimited field 7 of the record.
+        blob.extend_from_slice(&[0x3a, 0x02, 0xaa, 0xbb]);
+        blob
+    }
+
+    fn leaves_by_prost(blob: &[u8]) -> Result<Vec<SealedField>, RecordError> {
+        SealedRecord::decode_blob(blob).map(|r| r.fields)
+    }
+
+    fn same_reading(blob: &[u8]) -> bool {
+        match (leaves_by_prost(blob), RecordRef::decode(blob)) {
+            (Ok(fields), Ok(view)) => {
+                let by_prost: Vec<LeafRef<'_>> = fields.iter().map(LeafRef::from).collect();
+                by_prost == view.leaves
+            }
+            (Err(_), Err(_)) => true,
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn reading_a_blob_in_place_gives_the_leaves_prost_decodes() {
+        let c = cipher(Uuid::new_v4());
+        let blob = rich_blob(&c);
+        let view = RecordRef::decode(&blob).unwrap();
+        assert_eq!(view.leaves.len(), 4);
+        assert!(same_reading(&blob));
+        assert_eq!(view.leaves[2].updated_at_us, i64::MAX);
+        assert_eq!(view.leaves[1].updated_at_us, -5);
+        assert_eq!(
+            view.paths(),
+            SealedRecord::decode_blob(&blob).unwrap().paths()
+        );
+    }
+
+    #[test]
+    fn every_cut_or_damaged_blob_is_refused_or_read_alike_in_place_and_by_prost() {
+        let c = cipher(Uuid::new_v4());
+        let blob = rich_blob(&c);
+        let mut refused = 0;
+        for len in 0..blob.len() {
+            assert!(same_reading(&blob[..len]), "cut at {len}");
+            refused += usize::from(RecordRef::decode(&blob[..len]).is_err());
+        }
+        for at in 0..blob.len() {
+            // Tags of known fields with their own and other wire types, invalid tags, varint bytes.
+            for byte in [
+                0x00, 0x01, 0x08, 0x0a, 0x10, 0x12, 0x20, 0x21, 0x28, 0x2a, 0x7f, 0x80, 0xc3, 0xff,
+            ] {
+                let mut damaged = blob.clone();
+                damaged[at] = byte;
+                assert!(same_reading(&damaged), "byte {at} set to {byte:#x}");
+            }
+        }
+        // The cuts inside a leaf are refused, not read as shorter leaves.
+        assert!(
+            refused > blob.len() / 2,
+            "{refused} of {} cuts refused",
+            blob.len()
+        );
+    }
+
+    #[test]
+    fn opening_in_place_gives_what_opening_the_decoded_record_gives() {
+        let c = cipher(Uuid::new_v4());
+        let blob = rich_blob(&c);
+        let decoded = SealedRecord::decode_blob(&blob).unwrap();
+        let view = RecordRef::decode(&blob).unwrap();
+        let opened = view.open(&c, FieldPath::ALL).unwrap();
+        assert_eq!(opened, decoded.open(&c, FieldPath::ALL).unwrap());
+        assert_eq!(opened.len(), 3);
+        assert_eq!(opened[&FieldPath::NameGiven].source, "portal");
+        let some = [FieldPath::ProfileGender];
+        assert_eq!(
+            view.open(&c, &some).unwrap(),
+            decoded.open(&c, &some).unwrap()
+        );
+        // A damaged ciphertext fails the same way, naming its path.
+        let mut tampered = decoded.clone();
+        tampered.fields[2].ciphertext[0] ^= 1;
+        let tampered_blob = tampered.to_blob();
+        assert_eq!(
+            RecordRef::decode(&tampered_blob)
+                .unwrap()
+                .open(&c, FieldPath::ALL),
+            Err(RecordError::Field("activity_log".into()))
+        );
+        assert_eq!(
+            tampered.open(&c, FieldPath::ALL),
+            Err(RecordError::Field("activity_log".into()))
         );
     }
 }

@@ -11,7 +11,7 @@ use super::{
     call::Draft,
     keys::Keys,
     paths::IndexKind,
-    record::{RecordError, SealedRecord, index_key, new_subject_id},
+    record::{RecordError, RecordRef, SealedRecord, index_key, new_subject_id},
     values,
 };
 use crate::{
@@ -844,7 +844,7 @@ impl Vault {
     ) -> Result<(SubjectView, PathSet), DomainError> {
         let cipher = self.cipher(row)?;
         let paths: Vec<FieldPath> = paths.iter().collect();
-        let record = SealedRecord::decode_blob(&row.record).map_err(|e| data_loss(row.id, e))?;
+        let record = RecordRef::decode(&row.record).map_err(|e| data_loss(row.id, e))?;
         let fields = record
             .open(&cipher, &paths)
             .map_err(|e| data_loss(row.id, e))?;
