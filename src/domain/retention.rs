@@ -987,7 +987,8 @@ impl Retention {
     }
 
     async fn try_visit(&self, id: Uuid, now: i64, dry_run: bool) -> Result<Visit, DomainError> {
-        let Some(row) = self.store.subject(id).await? else {
+        // A batch's visits run in one task: their reads are coalesced, not inline one by one.
+        let Some(row) = self.store.subject_coalesced(id).await? else {
             return Ok(Visit::Nothing);
         };
         let Some(mark) = decode_mark(row.retention.as_deref())? else {

@@ -576,6 +576,13 @@ impl Store {
         self.reader.subject(id).await
     }
 
+    /// One subject's row, always through the read coalescer: for background work that reads many
+    /// subjects at once (the sweep visits a whole batch in one task), which must not hold a runtime
+    /// thread for one inline read after another.
+    pub async fn subject_coalesced(&self, id: Uuid) -> Result<Option<SubjectRow>, StoreError> {
+        self.reader.subject(id).await
+    }
+
     /// The rows of those `ids` that exist, each converted on its own (a damaged row is an error
     /// for its id only).
     pub async fn subjects(
