@@ -47,8 +47,7 @@ impl DirectAppender {
     /// to be) and starts its thread. `None` for an in-memory database, which a second connection
     /// would not share: its events go through sqlx.
     pub(super) fn open(path: &Path) -> Result<Option<Self>, StoreError> {
-        let name = path.as_os_str();
-        if name.is_empty() || name == ":memory:" || path.starts_with("file:") {
+        if !super::is_database_file(path) {
             return Ok(None);
         }
         let conn = connect(path)?;

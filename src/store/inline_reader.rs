@@ -41,8 +41,7 @@ impl InlineReader {
     /// An inline reader of the database file at `path`; `None` for an in-memory database.
     /// Connections are opened on first use, after the migrations.
     pub(super) fn new(path: &Path) -> Option<Self> {
-        let name = path.as_os_str();
-        if name.is_empty() || name == ":memory:" || path.starts_with("file:") {
+        if !super::is_database_file(path) {
             return None;
         }
         Some(Self {

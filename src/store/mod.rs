@@ -171,6 +171,13 @@ impl TryFrom<RawSubjectRow> for SubjectRow {
     }
 }
 
+/// Whether a SQLite path names a database file that a second connection of this process shares
+/// (not an in-memory database, nor a `file:` URI the direct connections do not parse).
+fn is_database_file(path: &std::path::Path) -> bool {
+    let name = path.as_os_str();
+    !(name.is_empty() || name == ":memory:" || path.starts_with("file:"))
+}
+
 /// How long a SQLite statement waits for a lock another connection holds.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the WAL is copied back into the database file.
