@@ -1,6 +1,6 @@
 //! SQLite only: a batch of audit events without a write op (the events of reads and refusals) is
 //! appended by a thread of its own over one direct connection (rusqlite), the whole transaction in
-//! one hand-off.
+//! one hand-off; so is a batch of a retention sweep's purges and shreds with their events.
 //!
 //! Through sqlx every statement is a round trip to the connection's worker thread, and `BEGIN` and
 //! `COMMIT` wait for an acknowledgement as well: a batch of reads' events took seven hand-offs, each
@@ -9,12 +9,17 @@
 //! its SQLite thread used a fifth of a core, and the CPUs stood 13–19 % idle: the audit append,
 //! not the work, set the pace.
 //!
-//! The group committer still decides the order. It hands a batch here only when no event in it
-//! belongs to a write op, and holds the sqlx pool's one writing connection until the answer, so
-//! nothing else of this process (the audit indexer, a checkpoint) meets this connection at SQLite's
-//! lock; another process (a second instance, the CLI) is ordered by that lock and the busy timeout,
-//! as before. The transaction is the one the sqlx path runs: `BEGIN IMMEDIATE`, read the chain head,
-//! insert the linked events, move the head, commit (synchronous = FULL: durable before the answer).
+//! A sweep's batch went through sqlx too: under closed-loop `get` each of its statements waited
+//! for a CPU while it held SQLite's write lock, and the reads' events queued behind it. Here its
+//! statements run one subject at a time on prepared statements, without a hand-off each.
+//!
+//! The group committer still decides the order. It hands a batch here only when every op in it
+//! is a purge or a shred (or there is none), and holds the sqlx pool's one writing connection
+//! until the answer, so nothing else of this process (the audit indexer, a checkpoint) meets this
+//! connection at SQLite's lock; another process (a second instance, the CLI) is ordered by that
+//! lock and the busy timeout, as before. The transaction is the one the sqlx path runs: `BEGIN
+//! IMMEDIATE`, apply the ops that still hold, read the chain head, insert the linked events, move
+//! the head, commit (synchronous = FULL: durable before the answer).
 
 use std::{
     path::Path,
@@ -22,18 +27,38 @@ use std::{
     thread::JoinHandle,
 };
 
-use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
 use super::{
-    AuditRecord, ChainLinker, SQLITE_BUSY_TIMEOUT, StoreError, audit::subjects_column,
-    writer::link_events,
+    AuditRecord, ChainLinker, SQLITE_BUSY_TIMEOUT, StoreError, WriteOp, WriteOutcome,
+    audit::subjects_column,
+    writer::{SUBJECT_TABLES, StoredIndexKey, decode_index_keys, encode_stored_keys, link_events},
 };
 
+/// A group commit's jobs: each an optional write op and its optional event.
+type Jobs = Vec<(Option<WriteOp>, Option<AuditRecord>)>;
+/// One result per job, in job order; `Err` for the whole batch if its transaction failed.
+type JobResults = Result<Vec<Result<WriteOutcome, StoreError>>, StoreError>;
+
+/// What the thread is handed: one transaction's work.
+enum Work {
+    /// Events alone, appended after the chain head.
+    Events {
+        events: Vec<AuditRecord>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// A retention sweep's purges and shreds (and events alone beside them): each op applied
+    /// only if its subject did not change since planned, then the events of those that applied.
+    Sweep {
+        jobs: Jobs,
+        reply: oneshot::Sender<JobResults>,
+    },
+}
+
 struct Append {
-    events: Vec<AuditRecord>,
+    work: Work,
     linker: Arc<dyn ChainLinker>,
-    reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
 /// The direct appender: a connection on its own thread, fed one batch at a time.
@@ -69,16 +94,32 @@ impl DirectAppender {
         linker: Arc<dyn ChainLinker>,
     ) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
+        self.hand_off(Append {
+            work: Work::Events { events, reply },
+            linker,
+        })?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Applies a sweep's purges and shreds (every op of `jobs` is one, or none) with the events
+    /// of those that applied and of the jobs without an op, in one durable transaction. A purge or
+    /// shred whose subject changed since planned is not applied (`VersionMismatch`), as on the
+    /// sqlx path; any other failure refuses the whole batch.
+    pub(super) async fn sweep(&self, jobs: Jobs, linker: Arc<dyn ChainLinker>) -> JobResults {
+        let (reply, answer) = oneshot::channel();
+        self.hand_off(Append {
+            work: Work::Sweep { jobs, reply },
+            linker,
+        })?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    fn hand_off(&self, append: Append) -> Result<(), StoreError> {
         self.jobs
             .as_ref()
             .ok_or_else(stopped)?
-            .send(Append {
-                events,
-                linker,
-                reply,
-            })
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+            .send(append)
+            .map_err(|_| stopped())
     }
 
     /// Lets the thread finish the batch it holds, then closes its connection.
@@ -121,9 +162,15 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
 
 fn serve(mut conn: Connection, jobs: mpsc::Receiver<Append>) {
     for job in jobs {
-        let result = append(&mut conn, &*job.linker, &job.events);
-        // A committer that went away no longer needs the answer; the events are committed.
-        let _ = job.reply.send(result);
+        // A committer that went away no longer needs the answer; the work is committed.
+        match job.work {
+            Work::Events { events, reply } => {
+                let _ = reply.send(append(&mut conn, &*job.linker, &events));
+            }
+            Work::Sweep { jobs, reply } => {
+                let _ = reply.send(sweep(&mut conn, &*job.linker, &jobs));
+            }
+        }
     }
 }
 
@@ -133,12 +180,152 @@ fn append(
     events: &[AuditRecord],
 ) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let events: Vec<&AuditRecord> = events.iter().collect();
+    append_linked(&tx, linker, &events)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// The sweep transaction of [`DirectAppender::sweep`]: the statements of the sqlx path's
+/// `Purge` and `Shred`, one subject at a time (prepared once, no hand-off per statement).
+fn sweep(conn: &mut Connection, linker: &dyn ChainLinker, jobs: &Jobs) -> JobResults {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut results = Vec::with_capacity(jobs.len());
+    for (op, _) in jobs {
+        results.push(match op {
+            None => Ok(WriteOutcome::Recorded),
+            Some(op) => apply_sweep_op(&tx, op)?,
+        });
+    }
+    let events: Vec<&AuditRecord> = jobs
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| r.is_ok())
+        .filter_map(|((_, audit), _)| audit.as_ref())
+        .collect();
+    if !events.is_empty() {
+        append_linked(&tx, linker, &events)?;
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+/// Applies one purge or shred if its subject is still at the planned versions; the inner `Err`
+/// (`VersionMismatch`) if it changed or went, the outer one for a failed statement.
+fn apply_sweep_op(
+    tx: &rusqlite::Transaction<'_>,
+    op: &WriteOp,
+) -> Result<Result<WriteOutcome, StoreError>, StoreError> {
+    let changed = || Err(StoreError::VersionMismatch { actual: 0 });
+    match op {
+        WriteOp::Purge {
+            id,
+            read_version,
+            retention_version,
+            record,
+            updated_at,
+            remove_index_paths,
+            mark,
+            due,
+        } => {
+            let idb = id.as_bytes().as_slice();
+            let keys: Option<Vec<u8>> = tx
+                .prepare_cached(
+                    "UPDATE subjects SET record = ?1, version = version + 1, updated_at = ?2, \
+                     retention = ?3, retention_due = ?4, retention_version = retention_version + 1 \
+                     WHERE id = ?5 AND version = ?6 AND retention_version = ?7 RETURNING index_keys",
+                )?
+                .query_row(
+                    params![
+                        record,
+                        updated_at,
+                        mark,
+                        due,
+                        idb,
+                        *read_version as i64,
+                        retention_version
+                    ],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(keys) = keys else {
+                return Ok(changed());
+            };
+            if !remove_index_paths.is_empty() {
+                let (removed, kept): (Vec<StoredIndexKey>, Vec<StoredIndexKey>) =
+                    decode_index_keys(&keys)?
+                        .into_iter()
+                        .partition(|k| remove_index_paths.contains(&k.path.as_str()));
+                if !removed.is_empty() {
+                    delete_index_entries(tx, &removed, idb)?;
+                    tx.prepare_cached("UPDATE subjects SET index_keys = ?1 WHERE id = ?2")?
+                        .execute(params![encode_stored_keys(&kept), idb])?;
+                }
+            }
+            Ok(Ok(WriteOutcome::Purged {
+                version: read_version + 1,
+            }))
+        }
+        WriteOp::Shred {
+            id,
+            read_version,
+            retention_version,
+            at,
+        } => {
+            let idb = id.as_bytes().as_slice();
+            let keys: Option<Vec<u8>> = tx
+                .prepare_cached(
+                    "DELETE FROM subjects WHERE id = ?1 AND version = ?2 AND retention_version = ?3 \
+                     RETURNING index_keys",
+                )?
+                .query_row(
+                    params![idb, *read_version as i64, retention_version],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(keys) = keys else {
+                return Ok(changed());
+            };
+            delete_index_entries(tx, &decode_index_keys(&keys)?, idb)?;
+            tx.prepare_cached("INSERT INTO erased_subjects (id, erased_at) VALUES (?1, ?2)")?
+                .execute(params![idb, at])?;
+            for table in SUBJECT_TABLES {
+                tx.prepare_cached(&format!("DELETE FROM {table} WHERE subject_id = ?1"))?
+                    .execute(params![idb])?;
+            }
+            Ok(Ok(WriteOutcome::Shredded))
+        }
+        _ => Err(StoreError::Database(
+            "the direct appender applies only a sweep's purges and shreds".into(),
+        )),
+    }
+}
+
+fn delete_index_entries(
+    tx: &rusqlite::Transaction<'_>,
+    keys: &[StoredIndexKey],
+    subject: &[u8],
+) -> Result<(), StoreError> {
+    let mut delete = tx.prepare_cached(
+        "DELETE FROM blind_index WHERE path = ?1 AND digest = ?2 AND subject_id = ?3",
+    )?;
+    for key in keys {
+        delete.execute(params![key.path, key.digest, subject])?;
+    }
+    Ok(())
+}
+
+/// Links `events` after the chain head and inserts them, moving the head, inside `tx`.
+fn append_linked(
+    tx: &rusqlite::Transaction<'_>,
+    linker: &dyn ChainLinker,
+    events: &[&AuditRecord],
+) -> Result<(), StoreError> {
     let (head_seq, head_mac): (i64, Vec<u8>) =
         tx.query_row("SELECT seq, mac FROM audit_head WHERE id = 1", [], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?;
-    let events: Vec<&AuditRecord> = events.iter().collect();
-    let (linked, head) = link_events(linker, head_seq, &head_mac, &events)?;
+    let (linked, head) = link_events(linker, head_seq, &head_mac, events)?;
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO audit_events (seq, at_us, caller, purpose, method, outcome, subjects, body, mac) \
@@ -160,7 +347,6 @@ fn append(
         tx.prepare_cached("UPDATE audit_head SET seq = ?1, mac = ?2 WHERE id = 1")?
             .execute(params![head_seq + linked.len() as i64, head.as_slice()])?;
     }
-    tx.commit()?;
     Ok(())
 }
 
@@ -183,16 +369,16 @@ impl From<rusqlite::Error> for StoreError {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(super) mod tests {
     use sha2::{Digest, Sha256};
     use uuid::Uuid;
 
     use super::*;
-    use crate::store::{CallerRow, Store, WriteOp, WriteOutcome};
+    use crate::store::{CallerRow, Store};
 
     /// A stand-in for the keyed HMAC: any function of (seq, prev, body) shows whether each event
     /// was linked to the one stored before it.
-    struct TestLinker;
+    pub(crate) struct TestLinker;
 
     impl ChainLinker for TestLinker {
         fn link(&self, seq: i64, prev: &[u8; 32], body: &[u8]) -> [u8; 32] {

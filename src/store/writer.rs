@@ -9,8 +9,9 @@
 //! only if it applied), an event without an op (a read, a refusal) in the next batch. The batch
 //! links its events to the chain head it reads (and, on PostgreSQL, locks) at its end, so the
 //! events of every instance form one linear chain and reads wait for one shared commit, not for
-//! each other. On SQLite a batch of events alone (no op) is appended by the direct appender
-//! ([`super::appender`]) in one hand-off instead of through sqlx.
+//! each other. On SQLite a batch of events alone (no op), or of a retention sweep's purges and
+//! shreds, is committed by the direct appender ([`super::appender`]) in one hand-off instead of
+//! through sqlx.
 
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
@@ -401,10 +402,10 @@ fn unique_violation(e: sqlx::Error) -> StoreError {
 
 /// A subject's index entry as listed in `subjects.index_keys`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct StoredIndexKey {
-    path: String,
+pub(super) struct StoredIndexKey {
+    pub(super) path: String,
     key_version: u32,
-    digest: Vec<u8>,
+    pub(super) digest: Vec<u8>,
 }
 
 impl From<&IndexEntry> for StoredIndexKey {
@@ -418,7 +419,7 @@ impl From<&IndexEntry> for StoredIndexKey {
 }
 
 /// `index_keys`: per entry, path length (u8), path, key version (u32 BE), digest length (u8), digest.
-fn encode_stored_keys(keys: &[StoredIndexKey]) -> Vec<u8> {
+pub(super) fn encode_stored_keys(keys: &[StoredIndexKey]) -> Vec<u8> {
     let mut out = Vec::with_capacity(keys.len() * 56);
     for k in keys {
         out.push(k.path.len() as u8);
@@ -434,7 +435,7 @@ fn encode_index_keys(entries: &[IndexEntry]) -> Vec<u8> {
     encode_stored_keys(&entries.iter().map(StoredIndexKey::from).collect::<Vec<_>>())
 }
 
-fn decode_index_keys(mut bytes: &[u8]) -> Result<Vec<StoredIndexKey>, StoreError> {
+pub(super) fn decode_index_keys(mut bytes: &[u8]) -> Result<Vec<StoredIndexKey>, StoreError> {
     let corrupt = || StoreError::Corrupt("subjects.index_keys".into());
     let take = |n: usize, bytes: &mut &[u8]| -> Result<Vec<u8>, StoreError> {
         if bytes.len() < n {
@@ -592,7 +593,7 @@ macro_rules! bulk_create {
 /// The tables besides `subjects` whose rows name a subject and go when it is erased or shredded.
 /// None holds a personal value; the audit trail keeps what happened (ids and paths). Erasure
 /// receipts stay: they are the evidence of the erasure.
-const SUBJECT_TABLES: [&str; 10] = [
+pub(super) const SUBJECT_TABLES: [&str; 10] = [
     // The wrapped data key: deleting it is what crypto-shreds the subject.
     "data_keys",
     "objections",
@@ -1665,6 +1666,31 @@ async fn append_direct(
     appender.append(events, linker).await
 }
 
+/// Whether the direct appender can apply `op` (a sweep's purge or shred, or no op).
+fn is_sweep_or_none(op: &Option<WriteOp>) -> bool {
+    matches!(
+        op,
+        None | Some(WriteOp::Purge { .. } | WriteOp::Shred { .. })
+    )
+}
+
+/// Applies a batch of a sweep's purges and shreds (and events alone beside them) through the
+/// direct appender, holding the pool's writing connection like [`append_direct`]: one hand-off
+/// for the whole transaction instead of one per statement, so the batch holds SQLite's write
+/// lock (and the reads' events queued behind it) for its work, not for waits on a busy CPU.
+async fn sweep_direct(
+    backend: &Backend,
+    appender: &DirectAppender,
+    jobs: Vec<(Option<WriteOp>, Option<AuditRecord>)>,
+    linker: Arc<dyn ChainLinker>,
+) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
+    let _writing = match backend {
+        Backend::Sqlite(pool) => Some(pool.acquire().await?),
+        Backend::Postgres(_) => None,
+    };
+    appender.sweep(jobs, linker).await
+}
+
 /// An event with its sequence number and link.
 pub(super) type Linked<'a> = (i64, &'a AuditRecord, [u8; 32]);
 
@@ -1701,14 +1727,16 @@ async fn commit_batch(
 ) -> Vec<Result<WriteOutcome, StoreError>> {
     let started = std::time::Instant::now();
     let audited = jobs.iter().filter(|(_, audit)| audit.is_some()).count();
-    let direct = appender.filter(|_| jobs.iter().all(|(op, _)| op.is_none()));
     let batch = jobs.len();
-    let committed = match (direct, linker) {
-        (Some(appender), Some(linker)) => {
+    let committed = match (appender, linker) {
+        (Some(appender), Some(linker)) if jobs.iter().all(|(op, _)| op.is_none()) => {
             let events = jobs.into_iter().filter_map(|(_, audit)| audit).collect();
             append_direct(backend, appender, events, linker.clone())
                 .await
                 .map(|()| vec![Ok(WriteOutcome::Recorded); batch])
+        }
+        (Some(appender), Some(linker)) if jobs.iter().all(|(op, _)| is_sweep_or_none(op)) => {
+            sweep_direct(backend, appender, jobs, linker.clone()).await
         }
         _ => try_commit_batch(backend, linker.map(|l| &**l), &jobs).await,
     };
@@ -1936,20 +1964,9 @@ mod tests {
         assert_eq!(rows, vec![Some(1), Some(2), Some(3), None]);
     }
 
-    /// The bulk path itself (not the one-by-one fallback a failing bulk statement falls back to):
-    /// padded to 4 purges and 4 shreds, it applies exactly the 2 purges and 3 shreds given.
-    #[tokio::test]
-    async fn a_padded_bulk_sweep_applies_exactly_its_own_purges_and_shreds() {
-        let dir = tempfile::tempdir().unwrap();
-        let store =
-            crate::store::Store::open(&format!("sqlite://{}", dir.path().join("k.db").display()))
-                .await
-                .unwrap();
-        store.migrate().await.unwrap();
-        let Backend::Sqlite(pool) = &store.write_backend else {
-            panic!("a SQLite store")
-        };
-        let ids: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+    /// Six subjects (versions 1 and 0), each with a `contact.email` index entry, and the KEK they
+    /// are wrapped under.
+    async fn six_subjects(pool: &sqlx::SqlitePool, ids: &[Uuid]) {
         let rows: Vec<(SubjectRow, Vec<IndexEntry>)> = ids
             .iter()
             .enumerate()
@@ -1987,6 +2004,145 @@ mod tests {
         let mut tx = pool.begin().await.unwrap();
         bulk_create!(&mut *tx, &rows).unwrap();
         tx.commit().await.unwrap();
+    }
+
+    /// A sweep's batch: purges and shreds, one of each planned on a version that moved on, a
+    /// purge that removes no index entry, and an event alone.
+    fn sweep_jobs(ids: &[Uuid]) -> Vec<(Option<WriteOp>, Option<AuditRecord>)> {
+        let purge = |id: Uuid, read_version: u64, remove: Vec<&'static str>| WriteOp::Purge {
+            id,
+            read_version,
+            retention_version: 0,
+            record: vec![99],
+            updated_at: 2,
+            remove_index_paths: remove,
+            mark: vec![7],
+            due: Some(9),
+        };
+        let shred = |id: Uuid, retention_version: i64| WriteOp::Shred {
+            id,
+            read_version: 1,
+            retention_version,
+            at: 3,
+        };
+        let event = |n: usize, id: Uuid| AuditRecord {
+            at_us: n as i64,
+            caller: "sweeper".into(),
+            purpose: String::new(),
+            method: "sweep".into(),
+            outcome: "OK".into(),
+            subjects: vec![id],
+            body: format!("event {n}").into_bytes(),
+        };
+        vec![
+            (
+                Some(purge(ids[0], 1, vec!["contact.email"])),
+                Some(event(0, ids[0])),
+            ),
+            (
+                Some(purge(ids[1], 7, vec!["contact.email"])),
+                Some(event(1, ids[1])),
+            ),
+            (Some(shred(ids[2], 0)), Some(event(2, ids[2]))),
+            (Some(shred(ids[3], 5)), Some(event(3, ids[3]))),
+            (None, Some(event(4, ids[5]))),
+            (Some(purge(ids[4], 1, vec![])), Some(event(5, ids[4]))),
+        ]
+    }
+
+    /// Everything a sweep touches, in a comparable form (data key ids aside: they are random).
+    async fn sweep_state(pool: &sqlx::SqlitePool) -> Vec<String> {
+        let mut state = Vec::new();
+        for sql in [
+            "SELECT hex(id) || ' ' || hex(record) || ' ' || version || ' ' || retention_version \
+             || ' ' || hex(retention) || ' ' || ifnull(retention_due, '-') || ' ' || hex(index_keys) \
+             FROM subjects ORDER BY id",
+            "SELECT path || ' ' || hex(digest) || ' ' || hex(subject_id) FROM blind_index ORDER BY 1",
+            "SELECT hex(id) || ' ' || erased_at FROM erased_subjects ORDER BY id",
+            "SELECT hex(subject_id) FROM data_keys ORDER BY subject_id",
+            "SELECT seq || ' ' || hex(body) || ' ' || hex(mac) FROM audit_events ORDER BY seq",
+            "SELECT seq || ' ' || hex(mac) FROM audit_head",
+        ] {
+            let rows: Vec<String> = sqlx::query_scalar(sql).fetch_all(pool).await.unwrap();
+            state.push(rows.join("\n"));
+        }
+        state
+    }
+
+    /// The direct appender's sweep transaction (one hand-off) applies a batch exactly as the sqlx
+    /// path does: the same outcomes, rows, index entries, erasures and linked events.
+    #[tokio::test]
+    async fn a_sweep_batch_through_the_direct_appender_leaves_what_the_sqlx_path_leaves() {
+        let ids: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+        let linker: Arc<dyn ChainLinker> = Arc::new(crate::store::appender::tests::TestLinker);
+        let mut outcomes = Vec::new();
+        let mut states = Vec::new();
+        for direct in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("k.db");
+            let store = crate::store::Store::open(&format!("sqlite://{}", file.display()))
+                .await
+                .unwrap();
+            store.migrate().await.unwrap();
+            let Backend::Sqlite(pool) = &store.write_backend else {
+                panic!("a SQLite store")
+            };
+            six_subjects(pool, &ids).await;
+            let results = if direct {
+                let appender = DirectAppender::open(&file).unwrap().unwrap();
+                let results = sweep_direct(
+                    &store.write_backend,
+                    &appender,
+                    sweep_jobs(&ids),
+                    linker.clone(),
+                )
+                .await
+                .unwrap();
+                appender.close().await;
+                results
+            } else {
+                try_commit_batch(&store.write_backend, Some(&*linker), &sweep_jobs(&ids))
+                    .await
+                    .unwrap()
+            };
+            outcomes.push(format!("{results:?}"));
+            states.push(sweep_state(pool).await);
+            store.close().await;
+        }
+        assert_eq!(
+            outcomes[0],
+            "[Ok(Purged { version: 2 }), Err(VersionMismatch { actual: 0 }), Ok(Shredded), \
+             Err(VersionMismatch { actual: 0 }), Ok(Recorded), Ok(Purged { version: 2 })]"
+        );
+        assert_eq!(outcomes[0], outcomes[1], "same outcomes on both paths");
+        assert_eq!(states[0], states[1], "same database on both paths");
+        assert_eq!(
+            states[0][4].lines().count(),
+            4,
+            "events of the four jobs that applied (or had no op), none of the two that did not"
+        );
+        assert_eq!(
+            states[0][1].lines().count(),
+            4,
+            "index entries left: the unpurged, the not-applied purge, the not-applied shred, the purge that kept them"
+        );
+    }
+
+    /// The bulk path itself (not the one-by-one fallback a failing bulk statement falls back to):
+    /// padded to 4 purges and 4 shreds, it applies exactly the 2 purges and 3 shreds given.
+    #[tokio::test]
+    async fn a_padded_bulk_sweep_applies_exactly_its_own_purges_and_shreds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::Store::open(&format!("sqlite://{}", dir.path().join("k.db").display()))
+                .await
+                .unwrap();
+        store.migrate().await.unwrap();
+        let Backend::Sqlite(pool) = &store.write_backend else {
+            panic!("a SQLite store")
+        };
+        let ids: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+        six_subjects(pool, &ids).await;
         let purge = |id: Uuid| WriteOp::Purge {
             id,
             read_version: 1,
