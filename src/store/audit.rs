@@ -69,7 +69,58 @@ struct EventRow {
 /// Most events the indexer takes into `audit_subjects` per transaction: small enough that the
 /// transaction holds the (SQLite: only) write connection for a few milliseconds at a time.
 pub const AUDIT_INDEX_BATCH: u64 = 500;
-const INDEX_BATCH: i64 = AUDIT_INDEX_BATCH as i64;
+pub(super) const INDEX_BATCH: i64 = AUDIT_INDEX_BATCH as i64;
+
+/// What one run of the indexer takes in: how many events, the last one's seq (the new mark), and
+/// their (subject, seq) entries, sorted (so one B-tree page takes many) and without repeats.
+pub(super) struct IndexRun {
+    pub(super) events: u64,
+    pub(super) last: i64,
+    pub(super) entries: Vec<(Uuid, i64)>,
+}
+
+/// Whether `rows` (the events after `mark`, in order) start right after it; if not, the indexer
+/// asks for the oldest event left before deciding ([`index_run`]).
+pub(super) fn follows_mark(mark: i64, rows: &[(i64, String)]) -> bool {
+    rows.first().is_none_or(|(seq, _)| *seq == mark + 1)
+}
+
+/// The run of `rows` the indexer may take in: only a gap-free run is indexed, so a missing event
+/// (deleted, which verification reports) is never stepped over. A gap before the first row is
+/// allowed only where pruning removed everything before it (`oldest`, the smallest seq left, is
+/// the first row's). `None`: nothing to index now.
+pub(super) fn index_run(
+    mark: i64,
+    oldest: Option<i64>,
+    rows: &[(i64, String)],
+) -> Option<IndexRun> {
+    let first = rows.first()?.0;
+    if first != mark + 1 && oldest != Some(first) {
+        return None;
+    }
+    let run = rows
+        .iter()
+        .enumerate()
+        .take_while(|(i, (seq, _))| *seq == first + *i as i64)
+        .count();
+    let rows = &rows[..run];
+    let last = rows.last()?.0;
+    let mut entries: Vec<(Uuid, i64)> = rows
+        .iter()
+        .flat_map(|(seq, subjects)| {
+            parse_subjects(*seq, subjects)
+                .into_iter()
+                .map(|id| (id, *seq))
+        })
+        .collect();
+    entries.sort_unstable();
+    entries.dedup();
+    Some(IndexRun {
+        events: run as u64,
+        last,
+        entries,
+    })
+}
 
 /// The `subjects` column: canonical ids, comma-separated.
 pub(super) fn subjects_column(ids: &[Uuid]) -> String {
@@ -202,7 +253,18 @@ impl Store {
     /// Takes the next events after the indexer's mark into `audit_subjects` (sorted, so one
     /// B-tree page takes many entries) and moves the mark, in one transaction. Returns how many
     /// events were indexed; instances racing here index the same rows idempotently.
+    ///
+    /// On a SQLite file the transaction runs on the direct appender's thread in one hand-off,
+    /// holding the pool's writing connection as the group committer's direct batches do: through
+    /// sqlx each of its statements was a round trip to a busy CPU while it held SQLite's write
+    /// lock, and every read's audit event waited behind it.
     pub async fn index_audit_subjects(&self) -> Result<u64, StoreError> {
+        if let (Some(appender), super::Backend::Sqlite(pool)) =
+            (&self.appender, &self.write_backend)
+        {
+            let _writing = pool.acquire().await?;
+            return appender.index().await;
+        }
         let (begin, mark_sql) = match &self.write_backend {
             super::Backend::Sqlite(_) => (
                 "BEGIN IMMEDIATE",
@@ -219,37 +281,15 @@ impl Store {
             let rows: Vec<(i64, String)> = sqlx::query_as(
                 "SELECT seq, subjects FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2")
                 .bind(mark).bind(INDEX_BATCH).fetch_all(&mut *tx).await?;
-            // Only a gap-free run is indexed: a missing event (deleted, which verification
-            // reports) is never stepped over. A gap before the first row is allowed only where
-            // pruning removed everything before it.
-            let Some(first) = rows.first().map(|(seq, _)| *seq) else {
+            let oldest: Option<i64> = if follows_mark(mark, &rows) {
+                None
+            } else {
+                sqlx::query_scalar("SELECT MIN(seq) FROM audit_events").fetch_one(&mut *tx).await?
+            };
+            let Some(run) = index_run(mark, oldest, &rows) else {
                 return Ok(0);
             };
-            if first != mark + 1 {
-                let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(seq) FROM audit_events")
-                    .fetch_one(&mut *tx).await?;
-                if oldest != Some(first) {
-                    return Ok(0);
-                }
-            }
-            let run = rows
-                .iter()
-                .enumerate()
-                .take_while(|(i, (seq, _))| *seq == first + *i as i64)
-                .count();
-            let rows = &rows[..run];
-            let Some(last) = rows.last().map(|(seq, _)| *seq) else {
-                return Ok(0);
-            };
-            let mut entries: Vec<(Uuid, i64)> = Vec::new();
-            for (seq, subjects) in rows {
-                for id in parse_subjects(*seq, subjects) {
-                    entries.push((id, *seq));
-                }
-            }
-            entries.sort_unstable();
-            entries.dedup();
-            for chunk in entries.chunks(1000) {
+            for chunk in run.entries.chunks(1000) {
                 let mut q = sqlx::QueryBuilder::new("INSERT INTO audit_subjects (subject_id, seq) ");
                 q.push_values(chunk.iter(), |mut b, (id, seq)| {
                     b.push_bind(id.as_bytes().to_vec()).push_bind(*seq);
@@ -258,9 +298,9 @@ impl Store {
                 q.build().execute(&mut *tx).await?;
             }
             sqlx::query("UPDATE audit_index_state SET indexed_seq = $1 WHERE id = 1")
-                .bind(last).execute(&mut *tx).await?;
+                .bind(run.last).execute(&mut *tx).await?;
             tx.commit().await?;
-            Ok(rows.len() as u64)
+            Ok(run.events)
         })
     }
 

@@ -349,6 +349,9 @@ pub struct Store {
     reader: Arc<reader::ReadCoalescer>,
     /// SQLite files: a subject by id is read on the calling thread ([`inline_reader`]).
     inline: Option<Arc<inline_reader::InlineReader>>,
+    /// SQLite files: the audit appender's connection and thread ([`appender`]), shared with the
+    /// group committer; the audit indexer runs there too.
+    appender: Option<Arc<appender::DirectAppender>>,
     /// Links audit events into the chain; set once the keyring is open.
     linker: Arc<OnceLock<Arc<dyn ChainLinker>>>,
 }
@@ -403,7 +406,7 @@ impl Store {
                 .connect_with(options.pragma("cache_size", "-4096"))
                 .await?;
             tokio::spawn(checkpoint_loop(read.clone()));
-            let appender = appender::DirectAppender::open(&file)?;
+            let appender = appender::DirectAppender::open(&file)?.map(Arc::new);
             let inline = inline_reader::InlineReader::new(&file).map(Arc::new);
             (
                 Backend::Sqlite(read),
@@ -435,8 +438,9 @@ impl Store {
             writer: Arc::new(writer::GroupCommitter::start(
                 write_backend.clone(),
                 linker.clone(),
-                appender,
+                appender.clone(),
             )),
+            appender,
             linker,
             reader: Arc::new(reader::ReadCoalescer::start(backend.clone())),
             inline,

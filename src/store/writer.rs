@@ -330,7 +330,7 @@ impl GroupCommitter {
     pub(super) fn start(
         backend: Backend,
         linker: Arc<OnceLock<Arc<dyn ChainLinker>>>,
-        appender: Option<DirectAppender>,
+        appender: Option<Arc<DirectAppender>>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         #[cfg(test)]
@@ -1626,7 +1626,7 @@ macro_rules! apply_one {
 async fn run(
     backend: Backend,
     linker: Arc<OnceLock<Arc<dyn ChainLinker>>>,
-    appender: Option<DirectAppender>,
+    appender: Option<Arc<DirectAppender>>,
     mut rx: mpsc::Receiver<Job>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
@@ -1637,7 +1637,7 @@ async fn run(
             jobs.push((job.op, job.audit));
             replies.push(job.reply);
         }
-        let results = commit_batch(&backend, linker.get(), appender.as_ref(), jobs).await;
+        let results = commit_batch(&backend, linker.get(), appender.as_deref(), jobs).await;
         for (reply, result) in replies.into_iter().zip(results) {
             // A submitter that went away (cancelled request) no longer needs its answer; the write
             // is committed all the same, as it would be had the answer been lost on the wire.
@@ -1650,7 +1650,7 @@ async fn run(
 }
 
 /// Appends `events` through the direct appender while holding the pool's one writing connection:
-/// whoever else writes meanwhile (the audit indexer, a checkpoint) queues for that connection
+/// whoever else writes meanwhile (a checkpoint, a key or caller change) queues for that connection
 /// instead of meeting this transaction at SQLite's lock, whose busy handler sleeps in steps of up
 /// to 100 ms (unheld, 0.6 % of commits under closed-loop `get` took 25–100 ms).
 async fn append_direct(
