@@ -971,13 +971,25 @@ async fn lookups_find_every_subject_while_the_blind_index_key_is_rotated() {
             std::slice::from_ref(id)
         );
     }
-    let events = app
-        .audit_events(pb::QueryAuditLogRequest {
-            method: "keys.reindex".into(),
-            ..Default::default()
-        })
-        .await;
-    assert!(!events.is_empty());
+    // The job appends its event when a last pass finds nothing left, which comes one rate-limit
+    // step after KeyStatus shows nothing pending: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = app
+            .audit_events(pb::QueryAuditLogRequest {
+                method: "keys.reindex".into(),
+                ..Default::default()
+            })
+            .await;
+        if !events.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the re-index job recorded no event"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
