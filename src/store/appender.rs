@@ -21,9 +21,10 @@
 //! is a purge or a shred (or there is none), and holds the sqlx pool's one writing connection
 //! until the answer, as the indexer does for its run, so nothing else of this process (a
 //! checkpoint, a key or caller change) meets this connection at SQLite's lock; another process (a
-//! second instance, the CLI) is ordered by that lock and the busy timeout, as before. The transaction is the one the sqlx path runs: `BEGIN
-//! IMMEDIATE`, apply the ops that still hold, read the chain head, insert the linked events, move
-//! the head, commit (synchronous = FULL: durable before the answer).
+//! second instance, the CLI) is ordered by that lock and the busy timeout, as before. The
+//! transaction is the one the sqlx path runs: `BEGIN IMMEDIATE`, apply the ops that still hold,
+//! read the chain head, insert the linked events, move the head, commit (synchronous = FULL:
+//! durable before the answer).
 
 use std::{
     path::Path,
@@ -123,8 +124,8 @@ impl DirectAppender {
     }
 
     /// Indexes the next events after the indexer's mark into `audit_subjects` and moves the mark,
-    /// in one transaction (the statements of the sqlx path, [`super::Store::index_audit_subjects`]);
-    /// returns how many events were indexed.
+    /// in one transaction (the statements of the sqlx path,
+    /// [`super::Store::index_audit_subjects`]); returns how many events were indexed.
     pub(super) async fn index(&self) -> Result<u64, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.hand_off(Work::Index { reply })?;
@@ -624,20 +625,16 @@ pub(super) mod tests {
             panic!("a SQLite store")
         };
         let mut counts = vec![store.index_audit_subjects().await.unwrap()];
-        // An event missing in the middle (tampering): the run stops before it, and stays stopped.
-        sqlx::query("DELETE FROM audit_events WHERE seq = 700")
-            .execute(pool)
-            .await
-            .unwrap();
-        counts.push(store.index_audit_subjects().await.unwrap());
-        counts.push(store.index_audit_subjects().await.unwrap());
-        // Everything before a point pruned: the run resumes at the oldest event left.
-        sqlx::query("DELETE FROM audit_events WHERE seq < 1000")
-            .execute(pool)
-            .await
-            .unwrap();
-        counts.push(store.index_audit_subjects().await.unwrap());
-        counts.push(store.index_audit_subjects().await.unwrap());
+        for deletion in [
+            // An event missing in the middle (tampering): the run stops before it, and stays so.
+            "DELETE FROM audit_events WHERE seq = 700",
+            // Everything before a point pruned: the run resumes at the oldest event left.
+            "DELETE FROM audit_events WHERE seq < 1000",
+        ] {
+            sqlx::query(deletion).execute(pool).await.unwrap();
+            counts.push(store.index_audit_subjects().await.unwrap());
+            counts.push(store.index_audit_subjects().await.unwrap());
+        }
         let mut rows: Vec<String> = sqlx::query_scalar(
             "SELECT hex(subject_id) || ' ' || seq FROM audit_subjects ORDER BY subject_id, seq",
         )

@@ -259,10 +259,8 @@ impl Store {
     /// sqlx each of its statements was a round trip to a busy CPU while it held SQLite's write
     /// lock, and every read's audit event waited behind it.
     pub async fn index_audit_subjects(&self) -> Result<u64, StoreError> {
-        if let (Some(appender), super::Backend::Sqlite(pool)) =
-            (&self.appender, &self.write_backend)
-        {
-            let _writing = pool.acquire().await?;
+        if let Some(appender) = &self.appender {
+            let _writing = super::writer::hold_writing_connection(&self.write_backend).await?;
             return appender.index().await;
         }
         let (begin, mark_sql) = match &self.write_backend {

@@ -1659,11 +1659,20 @@ async fn append_direct(
     events: Vec<AuditRecord>,
     linker: Arc<dyn ChainLinker>,
 ) -> Result<(), StoreError> {
-    let _writing = match backend {
+    let _writing = hold_writing_connection(backend).await?;
+    appender.append(events, linker).await
+}
+
+/// SQLite: the pool's one writing connection, held (until dropped) while the direct appender's
+/// thread runs a transaction, so whoever else in this process writes waits for it instead of
+/// meeting that transaction at SQLite's lock. PostgreSQL: nothing to hold.
+pub(super) async fn hold_writing_connection(
+    backend: &Backend,
+) -> Result<Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>, StoreError> {
+    Ok(match backend {
         Backend::Sqlite(pool) => Some(pool.acquire().await?),
         Backend::Postgres(_) => None,
-    };
-    appender.append(events, linker).await
+    })
 }
 
 /// Whether the direct appender can apply `op` (a sweep's purge or shred, or no op).
@@ -1684,10 +1693,7 @@ async fn sweep_direct(
     jobs: Vec<(Option<WriteOp>, Option<AuditRecord>)>,
     linker: Arc<dyn ChainLinker>,
 ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
-    let _writing = match backend {
-        Backend::Sqlite(pool) => Some(pool.acquire().await?),
-        Backend::Postgres(_) => None,
-    };
+    let _writing = hold_writing_connection(backend).await?;
     appender.sweep(jobs, linker).await
 }
 
