@@ -13,13 +13,9 @@
 //! for a CPU while it held SQLite's write lock, and the reads' events queued behind it. Here its
 //! statements run one subject at a time on prepared statements, without a hand-off each.
 //!
-//! The audit indexer's transaction (the next events into `audit_subjects`) runs here as well:
-//! through sqlx it held SQLite's write lock for five statements' round trips, 20–22 % of the time
-//! under closed-loop `get`, and every read's event waited behind it.
-//!
 //! The group committer still decides the order. It hands a batch here only when every op in it
 //! is a purge or a shred (or there is none), and holds the sqlx pool's one writing connection
-//! until the answer, as the indexer does for its run, so nothing else of this process (a
+//! until the answer, so nothing else of this process (a
 //! checkpoint, a key or caller change) meets this connection at SQLite's lock; another process (a
 //! second instance, the CLI) is ordered by that lock and the busy timeout, as before. The
 //! transaction is the one the sqlx path runs: `BEGIN IMMEDIATE`, apply the ops that still hold,
@@ -37,7 +33,7 @@ use tokio::sync::oneshot;
 
 use super::{
     AuditRecord, ChainLinker, SQLITE_BUSY_TIMEOUT, StoreError, WriteOp, WriteOutcome,
-    audit::{INDEX_BATCH, follows_mark, index_run, subjects_column},
+    audit::subjects_column,
     writer::{SUBJECT_TABLES, StoredIndexKey, decode_index_keys, encode_stored_keys, link_events},
 };
 
@@ -61,14 +57,10 @@ enum Work {
         linker: Arc<dyn ChainLinker>,
         reply: oneshot::Sender<JobResults>,
     },
-    /// One run of the audit indexer: the next events after its mark into `audit_subjects`.
-    Index {
-        reply: oneshot::Sender<Result<u64, StoreError>>,
-    },
 }
 
-/// The direct appender: a connection on its own thread, fed one transaction at a time. Shared
-/// by the group committer (events, sweeps) and the store (the audit indexer).
+/// The direct appender: a connection on its own thread, fed one transaction at a time, by the
+/// group committer (events, sweeps).
 pub(super) struct DirectAppender {
     jobs: Mutex<Option<mpsc::Sender<Work>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -120,15 +112,6 @@ impl DirectAppender {
             linker,
             reply,
         })?;
-        answer.await.map_err(|_| stopped())?
-    }
-
-    /// Indexes the next events after the indexer's mark into `audit_subjects` and moves the mark,
-    /// in one transaction (the statements of the sqlx path,
-    /// [`super::Store::index_audit_subjects`]); returns how many events were indexed.
-    pub(super) async fn index(&self) -> Result<u64, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.hand_off(Work::Index { reply })?;
         answer.await.map_err(|_| stopped())?
     }
 
@@ -201,9 +184,6 @@ fn serve(mut conn: Connection, jobs: mpsc::Receiver<Work>) {
             } => {
                 let _ = reply.send(sweep(&mut conn, &*linker, &jobs));
             }
-            Work::Index { reply } => {
-                let _ = reply.send(index(&mut conn));
-            }
         }
     }
 }
@@ -242,43 +222,6 @@ fn sweep(conn: &mut Connection, linker: &dyn ChainLinker, jobs: &Jobs) -> JobRes
     }
     tx.commit()?;
     Ok(results)
-}
-
-/// The indexer's transaction of [`DirectAppender::index`]: read the mark and the events after
-/// it, index the gap-free run ([`index_run`]), move the mark; nothing when there is no run.
-fn index(conn: &mut Connection) -> Result<u64, StoreError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mark: i64 = tx.query_row(
-        "SELECT indexed_seq FROM audit_index_state WHERE id = 1",
-        [],
-        |r| r.get(0),
-    )?;
-    let rows: Vec<(i64, String)> = tx
-        .prepare_cached(
-            "SELECT seq, subjects FROM audit_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?
-        .query_map(params![mark, INDEX_BATCH], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    let oldest = if follows_mark(mark, &rows) {
-        None
-    } else {
-        tx.query_row("SELECT MIN(seq) FROM audit_events", [], |r| r.get(0))?
-    };
-    let Some(run) = index_run(mark, oldest, &rows) else {
-        return Ok(0);
-    };
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO audit_subjects (subject_id, seq) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-        )?;
-        for (id, seq) in &run.entries {
-            insert.execute(params![id.as_bytes().as_slice(), seq])?;
-        }
-    }
-    tx.prepare_cached("UPDATE audit_index_state SET indexed_seq = ?1 WHERE id = 1")?
-        .execute(params![run.last])?;
-    tx.commit()?;
-    Ok(run.events)
 }
 
 /// Applies one purge or shred if its subject is still at the planned versions; the inner `Err`
@@ -464,7 +407,7 @@ pub(super) mod tests {
         }
     }
 
-    fn event(n: usize) -> AuditRecord {
+    pub(crate) fn event(n: usize) -> AuditRecord {
         AuditRecord {
             at_us: n as i64,
             caller: "test".into(),
@@ -617,86 +560,6 @@ pub(super) mod tests {
             vec!["event 0".to_owned(), "event 3".to_owned()]
         );
         store.close().await;
-    }
-
-    /// What one store's indexer did: each run's count, then the index rows and the mark.
-    async fn index_runs(store: &Store) -> (Vec<u64>, Vec<String>) {
-        let crate::store::Backend::Sqlite(pool) = &store.write_backend else {
-            panic!("a SQLite store")
-        };
-        let mut counts = vec![store.index_audit_subjects().await.unwrap()];
-        for deletion in [
-            // An event missing in the middle (tampering): the run stops before it, and stays so.
-            "DELETE FROM audit_events WHERE seq = 700",
-            // Everything before a point pruned: the run resumes at the oldest event left.
-            "DELETE FROM audit_events WHERE seq < 1000",
-        ] {
-            sqlx::query(deletion).execute(pool).await.unwrap();
-            counts.push(store.index_audit_subjects().await.unwrap());
-            counts.push(store.index_audit_subjects().await.unwrap());
-        }
-        let mut rows: Vec<String> = sqlx::query_scalar(
-            "SELECT hex(subject_id) || ' ' || seq FROM audit_subjects ORDER BY subject_id, seq",
-        )
-        .fetch_all(pool)
-        .await
-        .unwrap();
-        let mark: i64 = sqlx::query_scalar("SELECT indexed_seq FROM audit_index_state")
-            .fetch_one(pool)
-            .await
-            .unwrap();
-        rows.push(format!("mark {mark}"));
-        (counts, rows)
-    }
-
-    /// The indexer's run on the appender's thread takes in exactly what the sqlx transaction
-    /// does: the same entries (several subjects per event, one subject in many events), the same
-    /// stop before a missing event and resumption after pruning, the same mark.
-    #[tokio::test]
-    async fn the_indexer_on_the_appenders_thread_indexes_what_the_sqlx_path_indexes() {
-        let subjects: Vec<Uuid> = (0..40).map(|n| Uuid::from_u128(n * 7919 + 1)).collect();
-        let mut outcomes = Vec::new();
-        for direct in [true, false] {
-            let dir = tempfile::tempdir().unwrap();
-            let mut store = open(dir.path()).await;
-            assert!(
-                store.appender.is_some(),
-                "a SQLite file gets the direct appender"
-            );
-            if !direct {
-                store.appender = None;
-            }
-            for n in 0..1200usize {
-                let mut e = event(n);
-                e.subjects = vec![subjects[n % 40], subjects[(n * 3) % 40]];
-                store.record(e).await.unwrap();
-            }
-            outcomes.push(index_runs(&store).await);
-            store.close().await;
-        }
-        let (counts, rows) = &outcomes[0];
-        assert_eq!(
-            counts,
-            &[500, 199, 0, 201, 0],
-            "a full batch, the run up to the gap at 700, stopped, then 1000..=1200"
-        );
-        // 40 subjects: event n names n % 40 and 3n % 40 (the same one when n % 20 == 0).
-        let entries = |range: std::ops::RangeInclusive<usize>| {
-            range
-                .map(|n| if n % 20 == 0 { 1 } else { 2 })
-                .sum::<usize>()
-        };
-        let seqs = |r: std::ops::RangeInclusive<usize>| entries(r.start() - 1..=r.end() - 1);
-        assert_eq!(
-            rows.len(),
-            seqs(1..=699) + seqs(1000..=1200) + 1,
-            "each (subject, event) once, for the events indexed"
-        );
-        assert_eq!(rows.last().unwrap(), "mark 1200");
-        assert_eq!(
-            outcomes[0], outcomes[1],
-            "the same runs and rows on both paths"
-        );
     }
 
     #[test]

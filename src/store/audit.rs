@@ -254,14 +254,12 @@ impl Store {
     /// B-tree page takes many entries) and moves the mark, in one transaction. Returns how many
     /// events were indexed; instances racing here index the same rows idempotently.
     ///
-    /// On a SQLite file the transaction runs on the direct appender's thread in one hand-off,
-    /// holding the pool's writing connection as the group committer's direct batches do: through
-    /// sqlx each of its statements was a round trip to a busy CPU while it held SQLite's write
-    /// lock, and every read's audit event waited behind it.
+    /// A SQLite file's index is a file of its own with a writer of its own
+    /// ([`super::audit_index`]), so a run never holds the main file's write lock, for which every
+    /// read's audit event waits. Elsewhere the run is this sqlx transaction.
     pub async fn index_audit_subjects(&self) -> Result<u64, StoreError> {
-        if let Some(appender) = &self.appender {
-            let _writing = super::writer::hold_writing_connection(&self.write_backend).await?;
-            return appender.index().await;
+        if let Some(index) = &self.audit_index {
+            return index.index().await;
         }
         let (begin, mark_sql) = match &self.write_backend {
             super::Backend::Sqlite(_) => (
@@ -364,6 +362,18 @@ impl Store {
     /// Deletes the events up to and including `seq` (and their subject index rows); the caller
     /// makes sure a checkpoint at `seq` anchors what remains. Returns the number deleted.
     pub async fn prune_audit(&self, seq: i64) -> Result<u64, StoreError> {
+        if let (Some(index), super::Backend::Sqlite(pool)) =
+            (&self.audit_index, &self.write_backend)
+        {
+            // The index file is another database: its entries go after the events (an entry
+            // left by a failure in between names an event no query finds any more).
+            let done = sqlx::query("DELETE FROM audit_events WHERE seq <= $1")
+                .bind(seq)
+                .execute(pool)
+                .await?;
+            index.prune(seq).await?;
+            return Ok(done.rows_affected());
+        }
         on_pool!(&self.write_backend, pool => {
             let mut tx = pool.begin().await?;
             sqlx::query("DELETE FROM audit_subjects WHERE seq <= $1").bind(seq).execute(&mut *tx).await?;

@@ -14,6 +14,7 @@
 
 mod appender;
 mod audit;
+mod audit_index;
 mod inline_reader;
 mod keys;
 mod reader;
@@ -35,6 +36,7 @@ use sqlx::{
 use uuid::Uuid;
 
 pub use audit::{AUDIT_INDEX_BATCH, AuditFilter, AuditRecord, ChainLinker, StoredAuditEvent};
+pub use audit_index::index_file as audit_index_file;
 pub use keys::{DekRow, KeyVersionRow, Rewrapped, RewrappedKey, RootCheckRow};
 pub use retention::{HoldRow, MarkedSubject, RecordRow};
 pub use rights::{ConsentEventRow, DisclosureRow, ReceiptRow, RestrictionRow};
@@ -175,7 +177,9 @@ impl TryFrom<RawSubjectRow> for SubjectRow {
 /// (not an in-memory database, nor a `file:` URI the direct connections do not parse).
 fn is_database_file(path: &std::path::Path) -> bool {
     let name = path.as_os_str();
-    !(name.is_empty() || name == ":memory:" || path.starts_with("file:"))
+    // sqlx names an in-memory database `file:sqlx-in-memory-N`: a prefix of the text, not a
+    // path component (`Path::starts_with` compares components).
+    !(name.is_empty() || name == ":memory:" || name.to_string_lossy().starts_with("file:"))
 }
 
 /// How long a SQLite statement waits for a lock another connection holds.
@@ -213,7 +217,7 @@ async fn checkpoint_loop(pool: Pool<Sqlite>) {
         let result = if round % WAL_RESTART_EVERY == 0 {
             restart_wal(&pool).await
         } else {
-            sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+            sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA main.wal_checkpoint(PASSIVE)")
                 .fetch_one(&pool)
                 .await
         };
@@ -234,7 +238,7 @@ async fn restart_wal(pool: &Pool<Sqlite>) -> Result<(i64, i64, i64), sqlx::Error
     sqlx::query(wait(WAL_RESTART_WAIT))
         .execute(&mut *conn)
         .await?;
-    let result = sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
+    let result = sqlx::query_as("PRAGMA main.wal_checkpoint(RESTART)")
         .fetch_one(&mut *conn)
         .await;
     if let Err(e) = sqlx::query(wait(SQLITE_BUSY_TIMEOUT))
@@ -252,7 +256,7 @@ async fn restart_wal(pool: &Pool<Sqlite>) -> Result<(i64, i64, i64), sqlx::Error
 /// same mode); an existing file is left as it is.
 fn create_private_file(path: &std::path::Path) -> Result<(), StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
-    if path.as_os_str().is_empty() || path.as_os_str() == ":memory:" || path.exists() {
+    if !is_database_file(path) || path.exists() {
         return Ok(());
     }
     std::fs::OpenOptions::new()
@@ -349,9 +353,8 @@ pub struct Store {
     reader: Arc<reader::ReadCoalescer>,
     /// SQLite files: a subject by id is read on the calling thread ([`inline_reader`]).
     inline: Option<Arc<inline_reader::InlineReader>>,
-    /// SQLite files: the audit appender's connection and thread ([`appender`]), shared with the
-    /// group committer; the audit indexer runs there too.
-    appender: Option<Arc<appender::DirectAppender>>,
+    /// SQLite files: the writer of the audit index's own file ([`audit_index`]).
+    audit_index: Option<Arc<audit_index::IndexWriter>>,
     /// Links audit events into the chain; set once the keyring is open.
     linker: Arc<OnceLock<Arc<dyn ChainLinker>>>,
 }
@@ -368,7 +371,8 @@ pub struct Durability {
 impl Store {
     /// Opens (creating a SQLite file if missing) and migrates the database at `url`.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let (backend, write_backend, appender, inline) = if url.starts_with("sqlite:") {
+        let (backend, write_backend, appender, inline, audit_index) = if url.starts_with("sqlite:")
+        {
             let options = SqliteConnectOptions::from_str(url)
                 .map_err(|e| StoreError::Url(e.to_string()))?
                 .create_if_missing(true)
@@ -382,6 +386,18 @@ impl Store {
                 .pragma("temp_store", "memory");
             create_private_file(options.get_filename())?;
             let file = options.get_filename().to_path_buf();
+            // The per-subject audit index, in a database of its own ([`audit_index`]): a file's
+            // has a writer of its own and is attached to the readers only (a writing connection
+            // attaching it would take its lock in every `BEGIN IMMEDIATE`); an in-memory one is
+            // attached to both pools and written through sqlx.
+            let index_location = audit_index::Location::for_main(&file);
+            let (audit_index, attach_to_writer) = match &index_location {
+                audit_index::Location::File(path) => (
+                    create_private_file(path).map(|()| Some(path.clone()))?,
+                    None,
+                ),
+                audit_index::Location::Memory(_) => (None, Some(index_location.clone())),
+            };
             // Readers and the one writer get pools of their own: WAL lets them run side by side,
             // and the writer's larger page cache holds the B-tree pages it keeps touching. The pool
             // does not ping a local file before every use (a whole worker round trip per query).
@@ -390,6 +406,15 @@ impl Store {
                 .min_connections(1)
                 .test_before_acquire(false)
                 .acquire_timeout(Duration::from_secs(10))
+                .after_connect(move |conn, _| {
+                    let index = attach_to_writer.clone();
+                    Box::pin(async move {
+                        match index {
+                            Some(index) => index.attach(conn).await,
+                            None => Ok(()),
+                        }
+                    })
+                })
                 .connect_with(
                     options
                         .clone()
@@ -403,16 +428,28 @@ impl Store {
                 .min_connections(1)
                 .test_before_acquire(false)
                 .acquire_timeout(Duration::from_secs(10))
+                .after_connect(move |conn, _| {
+                    let index = index_location.clone();
+                    Box::pin(async move { index.attach(conn).await })
+                })
                 .connect_with(options.pragma("cache_size", "-4096"))
                 .await?;
             tokio::spawn(checkpoint_loop(read.clone()));
             let appender = appender::DirectAppender::open(&file)?.map(Arc::new);
+            // After the pools: its connection opens the main file read-only, which must not be
+            // the first in this process to open the file's shared memory (it would be read-only
+            // for every connection after it).
+            let audit_index = match audit_index {
+                Some(path) => Some(Arc::new(audit_index::IndexWriter::open(&path, &file)?)),
+                None => None,
+            };
             let inline = inline_reader::InlineReader::new(&file).map(Arc::new);
             (
                 Backend::Sqlite(read),
                 Backend::Sqlite(write),
                 appender,
                 inline,
+                audit_index,
             )
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let options =
@@ -427,6 +464,7 @@ impl Store {
                 Backend::Postgres(pool),
                 None,
                 None,
+                None,
             )
         } else {
             return Err(StoreError::Url(
@@ -438,16 +476,19 @@ impl Store {
             writer: Arc::new(writer::GroupCommitter::start(
                 write_backend.clone(),
                 linker.clone(),
-                appender.clone(),
+                appender,
             )),
-            appender,
             linker,
             reader: Arc::new(reader::ReadCoalescer::start(backend.clone())),
             inline,
+            audit_index,
             backend,
             write_backend,
         };
         store.migrate().await?;
+        if let Some(index) = &store.audit_index {
+            index.forget_if_foreign().await?;
+        }
         Ok(store)
     }
 
@@ -742,6 +783,17 @@ mod tests {
             .fetch_one(pool)
             .await
             .unwrap()
+    }
+
+    #[test]
+    fn an_in_memory_database_as_sqlx_names_it_is_not_a_file() {
+        for name in [":memory:", "", "file:sqlx-in-memory-3", "file:x.db?mode=ro"] {
+            assert!(!is_database_file(std::path::Path::new(name)), "{name}");
+        }
+        assert!(is_database_file(std::path::Path::new(
+            "/var/lib/kluis/kluis.db"
+        )));
+        assert!(is_database_file(std::path::Path::new("kluis.db")));
     }
 
     #[tokio::test]

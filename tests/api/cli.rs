@@ -130,21 +130,17 @@ async fn serve_starts_without_configuration_answers_health_and_stops_on_sigterm(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for file in ["root.key", "operator.token"] {
+    let mut private = vec!["root.key", "operator.token"];
+    if !postgres_mode() {
+        private.extend(["kluis.db", "kluis.db.audit-index"]);
+    }
+    for file in private {
         let mode = std::fs::metadata(db.data_dir().join(file))
             .unwrap()
             .permissions()
             .mode()
             & 0o777;
         assert_eq!(mode, 0o600, "{file}");
-    }
-    if !postgres_mode() {
-        let mode = std::fs::metadata(db.data_dir().join("kluis.db"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
-        assert_eq!(mode, 0o600, "kluis.db");
     }
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -132,7 +132,25 @@ impl TestDb {
             let options = sqlx::sqlite::SqliteConnectOptions::from_str(&self.url)
                 .unwrap()
                 .busy_timeout(std::time::Duration::from_secs(10));
-            Raw::Sqlite(sqlx::SqlitePool::connect_with(options).await.unwrap())
+            // The per-subject audit index lives in a file of its own beside the database.
+            let index = kluis::store::audit_index_file(options.get_filename())
+                .to_string_lossy()
+                .into_owned();
+            let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                .after_connect(move |conn, _| {
+                    let index = index.clone();
+                    Box::pin(async move {
+                        sqlx::query("ATTACH DATABASE $1 AS audit_index")
+                            .bind(index)
+                            .execute(conn)
+                            .await
+                            .map(|_| ())
+                    })
+                })
+                .connect_with(options)
+                .await
+                .unwrap();
+            Raw::Sqlite(pool)
         }
     }
 }
