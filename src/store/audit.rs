@@ -365,13 +365,16 @@ impl Store {
         if let (Some(index), super::Backend::Sqlite(pool)) =
             (&self.audit_index, &self.write_backend)
         {
-            // The index file is another database: its entries go after the events (an entry
-            // left by a failure in between names an event no query finds any more).
+            // The index file is another database: its entries go after the events. An entry left
+            // by a failure in between names an event no query finds any more, and the next prune
+            // deletes it; the events are pruned either way.
             let done = sqlx::query("DELETE FROM audit_events WHERE seq <= $1")
                 .bind(seq)
                 .execute(pool)
                 .await?;
-            index.prune(seq).await?;
+            if let Err(e) = index.prune(seq).await {
+                tracing::warn!(error = %e, seq, "entries of pruned audit events left in the audit index");
+            }
             return Ok(done.rows_affected());
         }
         on_pool!(&self.write_backend, pool => {

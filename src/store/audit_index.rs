@@ -36,7 +36,8 @@ use super::{
 const SCHEMA: &str = "audit_index";
 
 /// The index's tables in schema `{s}`, created if missing, with the mark at the start.
-/// `indexed_mac` is the link of the event at the mark (NULL at 0, and on the sqlx path).
+/// `indexed_mac` is the link of the event at the mark (NULL at 0, and on the sqlx path);
+/// `pruned_seq` the last seq whose entries a prune deleted (the file writer's only).
 fn create_sql(s: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {s}.audit_subjects (
@@ -47,7 +48,8 @@ fn create_sql(s: &str) -> String {
          CREATE TABLE IF NOT EXISTS {s}.audit_index_state (
              id          INTEGER PRIMARY KEY CHECK (id = 1),
              indexed_seq INTEGER NOT NULL,
-             indexed_mac BLOB
+             indexed_mac BLOB,
+             pruned_seq  INTEGER NOT NULL DEFAULT 0
          );
          INSERT OR IGNORE INTO {s}.audit_index_state (id, indexed_seq) VALUES (1, 0);"
     )
@@ -84,7 +86,7 @@ impl Location {
     }
 
     /// Attaches the index to a sqlx connection as `audit_index` (creating its tables in memory;
-    /// a file's tables are created by its writer, before any pool connects).
+    /// a file's tables are created by its writer, which opens before the pools).
     pub(super) async fn attach(
         &self,
         conn: &mut sqlx::SqliteConnection,
@@ -98,9 +100,15 @@ impl Location {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "ATTACH DATABASE $1 AS {SCHEMA}"
         )))
-        .bind(target)
+        .bind(target.clone())
         .execute(&mut *conn)
-        .await?;
+        .await
+        .map_err(|e| {
+            // The file's name in the error: it is derived data an operator may delete.
+            sqlx::Error::Configuration(
+                format!("cannot attach the audit index {target}: {e}").into(),
+            )
+        })?;
         if let Self::Memory(_) = self {
             conn.execute(sqlx::AssertSqlSafe(create_sql(SCHEMA)))
                 .await?;
@@ -122,6 +130,13 @@ impl IndexWriter {
     /// tables; the main file's tables may not exist yet (they are read only at the first run).
     pub(super) fn open(index: &Path, main: &Path) -> Result<Self, StoreError> {
         super::create_private_file(index)?;
+        // The file's name in the error: it is derived data an operator may delete and rebuild.
+        Self::connect(index, main).map_err(|e| {
+            StoreError::Unavailable(format!("audit index file {}: {e}", index.display()))
+        })
+    }
+
+    fn connect(index: &Path, main: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open_with_flags(
             index,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -166,10 +181,18 @@ impl IndexWriter {
         .await
     }
 
-    /// Deletes the entries of events up to and including `seq` (pruned from the trail).
+    /// Deletes the entries of events up to and including `seq` (pruned from the trail), and
+    /// records `seq` as pruned: a trail that still holds an event up to it is not the one the
+    /// index was pruned with (a backup from before the prune, put back), and is indexed again.
     pub(super) async fn prune(&self, seq: i64) -> Result<(), StoreError> {
         self.on_connection(move |conn| {
-            conn.execute("DELETE FROM audit_subjects WHERE seq <= ?1", [seq])?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute("DELETE FROM audit_subjects WHERE seq <= ?1", [seq])?;
+            tx.execute(
+                "UPDATE audit_index_state SET pruned_seq = MAX(pruned_seq, ?1) WHERE id = 1",
+                [seq],
+            )?;
+            tx.commit()?;
             Ok(())
         })
         .await
@@ -249,35 +272,47 @@ fn index(conn: &mut Connection) -> Result<u64, StoreError> {
 /// The index's mark, after making sure that the index belongs to the trail it sees: if not, it
 /// is emptied (in `tx`) and the mark is 0.
 fn checked_mark(tx: &rusqlite::Transaction<'_>) -> Result<i64, StoreError> {
-    let (mark, mac): (i64, Option<Vec<u8>>) = tx.query_row(
-        "SELECT indexed_seq, indexed_mac FROM audit_index_state WHERE id = 1",
+    let (mark, mac, pruned): (i64, Option<Vec<u8>>, i64) = tx.query_row(
+        "SELECT indexed_seq, indexed_mac, pruned_seq FROM audit_index_state WHERE id = 1",
         [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
-    if mark == 0 || matches_trail(tx, mark, mac.as_deref())? {
+    if (mark == 0 && pruned == 0) || matches_trail(tx, mark, mac.as_deref(), pruned)? {
         return Ok(mark);
     }
     tracing::warn!(
         indexed_seq = mark,
-        "the audit index does not match the trail (the database was put back or cut short): \
-         building it again"
+        pruned_seq = pruned,
+        "the audit index does not match the trail (a database put back from a backup, a trail \
+         cut short, or the event at the index's mark missing): building it again"
     );
     tx.execute_batch(
         "DELETE FROM audit_subjects; \
-         UPDATE audit_index_state SET indexed_seq = 0, indexed_mac = NULL WHERE id = 1",
+         UPDATE audit_index_state SET indexed_seq = 0, indexed_mac = NULL, pruned_seq = 0 \
+         WHERE id = 1",
     )?;
     Ok(0)
 }
 
-/// Whether the index built up to `mark` belongs to the trail it now sees: the event at the mark
-/// has the link recorded with it, or has been pruned (it is before the oldest event left, and the
-/// head is past it). An event of another link at the mark, or a head short of it, is another
-/// trail (or the same one put back from a backup).
+/// Whether the index built up to `mark` (its entries up to `pruned` deleted by prunes) belongs to
+/// the trail it now sees: no event up to `pruned` is left (else the trail is older than the
+/// prune), and the event at the mark has the link recorded with it or has been pruned (it is
+/// before the oldest event left, and the head is past it). An event of another link at the mark,
+/// or a head short of it, is another trail (or the same one put back from a backup).
 fn matches_trail(
     tx: &rusqlite::Transaction<'_>,
     mark: i64,
     mac: Option<&[u8]>,
+    pruned: i64,
 ) -> Result<bool, StoreError> {
+    let oldest: Option<i64> =
+        tx.query_row("SELECT MIN(seq) FROM audit_events", [], |r| r.get(0))?;
+    if oldest.is_some_and(|oldest| oldest <= pruned) {
+        return Ok(false);
+    }
+    if mark == 0 {
+        return Ok(true);
+    }
     let at_mark: Option<Vec<u8>> = tx
         .query_row("SELECT mac FROM audit_events WHERE seq = ?1", [mark], |r| {
             r.get(0)
@@ -287,8 +322,6 @@ fn matches_trail(
         return Ok(mac == Some(found.as_slice()));
     }
     let head: i64 = tx.query_row("SELECT seq FROM audit_head WHERE id = 1", [], |r| r.get(0))?;
-    let oldest: Option<i64> =
-        tx.query_row("SELECT MIN(seq) FROM audit_events", [], |r| r.get(0))?;
     Ok(head >= mark && oldest.is_none_or(|oldest| oldest > mark))
 }
 
@@ -348,6 +381,28 @@ mod tests {
             .unwrap();
         rows.push(format!("mark {mark}"));
         rows
+    }
+
+    /// A backup as docs/operations.md takes it, while kluis runs (`VACUUM INTO`).
+    async fn back_up(store: &Store, dir: &Path) -> PathBuf {
+        let backup = dir.join("backup.db");
+        sqlx::query("VACUUM INTO $1")
+            .bind(backup.to_string_lossy().into_owned())
+            .execute(pools(store).0)
+            .await
+            .unwrap();
+        backup
+    }
+
+    /// The restore of docs/operations.md with kluis stopped: the database file back, its WAL
+    /// files gone, the index file kept.
+    fn restore(backup: &Path, main: &Path) {
+        for leftover in ["-wal", "-shm"] {
+            let mut name = main.as_os_str().to_owned();
+            name.push(leftover);
+            let _ = std::fs::remove_file(name);
+        }
+        std::fs::copy(backup, main).unwrap();
     }
 
     fn hex_id(id: Uuid) -> String {
@@ -429,23 +484,13 @@ mod tests {
 
         let store = open(&url).await;
         record(&store, &vec![vec![before]; 5]).await;
-        // A backup as docs/operations.md takes it, while kluis runs.
-        let backup = dir.path().join("backup.db");
-        sqlx::query("VACUUM INTO $1")
-            .bind(backup.to_string_lossy().into_owned())
-            .execute(pools(&store).0)
-            .await
-            .unwrap();
+        let backup = back_up(&store, dir.path()).await;
         record(&store, &vec![vec![lost]; 5]).await;
         assert_eq!(store.index_audit_subjects().await.unwrap(), 10);
         store.close().await;
         drop(store);
 
-        // The restore: the database file back, its WAL files gone, the index file kept.
-        for leftover in ["k.db-wal", "k.db-shm"] {
-            let _ = std::fs::remove_file(dir.path().join(leftover));
-        }
-        std::fs::copy(&backup, &main).unwrap();
+        restore(&backup, &main);
         let store = open(&url).await;
         assert_eq!(
             index_rows(&store).await,
@@ -471,6 +516,32 @@ mod tests {
         store.close().await;
     }
 
+    /// A backup taken before a prune, put back under the pruned index: the index's mark and the
+    /// link there still match, but the trail holds events again whose entries the prune deleted.
+    /// The index is emptied at start and built again, so a query by subject finds them.
+    #[tokio::test]
+    async fn an_index_pruned_after_the_backup_was_taken_is_built_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("k.db");
+        let url = format!("sqlite://{}", main.display());
+        let id = Uuid::from_u128(5);
+        let store = open(&url).await;
+        record(&store, &vec![vec![id]; 8]).await;
+        assert_eq!(store.index_audit_subjects().await.unwrap(), 8);
+        let backup = back_up(&store, dir.path()).await;
+        assert_eq!(store.prune_audit(5).await.unwrap(), 5);
+        store.close().await;
+        drop(store);
+
+        restore(&backup, &main);
+        let store = open(&url).await;
+        assert_eq!(index_rows(&store).await, ["mark 0"], "emptied at start");
+        assert_eq!(store.index_audit_subjects().await.unwrap(), 8);
+        let rows = index_rows(&store).await;
+        assert_eq!(rows.len(), 9, "all eight events again: {rows:?}");
+        store.close().await;
+    }
+
     /// Pruning deletes the pruned events' entries from the index file too, and the index goes on
     /// from its mark (the event at the mark is gone, but the head is past it).
     #[tokio::test]
@@ -492,6 +563,25 @@ mod tests {
                 "mark 10".to_owned()
             ]
         );
+        store.close().await;
+    }
+
+    /// An index file that cannot be opened stops the store from opening, with the file named
+    /// (it is derived data: the operator may delete it and start again, docs/operations.md).
+    #[tokio::test]
+    async fn an_unusable_index_file_is_named_in_the_error_and_deleting_it_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("k.db.audit-index");
+        std::fs::create_dir(&index).unwrap();
+        let url = format!("sqlite://{}", dir.path().join("k.db").display());
+        let Err(error) = Store::open(&url).await else {
+            panic!("a directory in the index file's place must stop the store")
+        };
+        assert!(error.to_string().contains("k.db.audit-index"), "{error}");
+        std::fs::remove_dir(&index).unwrap();
+        let store = open(&url).await;
+        record(&store, &[vec![Uuid::from_u128(1)]]).await;
+        assert_eq!(store.index_audit_subjects().await.unwrap(), 1);
         store.close().await;
     }
 

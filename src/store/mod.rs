@@ -392,8 +392,10 @@ impl Store {
             // attached to both pools and written through sqlx.
             let index_location = audit_index::Location::for_main(&file);
             let (audit_index, attach_to_writer) = match &index_location {
+                // Opened first: its errors name the file (a pool's attach failing would only
+                // time out).
                 audit_index::Location::File(path) => (
-                    create_private_file(path).map(|()| Some(path.clone()))?,
+                    Some(Arc::new(audit_index::IndexWriter::open(path, &file)?)),
                     None,
                 ),
                 audit_index::Location::Memory(_) => (None, Some(index_location.clone())),
@@ -436,13 +438,6 @@ impl Store {
                 .await?;
             tokio::spawn(checkpoint_loop(read.clone()));
             let appender = appender::DirectAppender::open(&file)?.map(Arc::new);
-            // After the pools: its connection opens the main file read-only, which must not be
-            // the first in this process to open the file's shared memory (it would be read-only
-            // for every connection after it).
-            let audit_index = match audit_index {
-                Some(path) => Some(Arc::new(audit_index::IndexWriter::open(&path, &file)?)),
-                None => None,
-            };
             let inline = inline_reader::InlineReader::new(&file).map(Arc::new);
             (
                 Backend::Sqlite(read),
