@@ -15,16 +15,15 @@
 //!
 //! The group committer still decides the order. It hands a batch here only when every op in it
 //! is a purge or a shred (or there is none), and holds the sqlx pool's one writing connection
-//! until the answer, so nothing else of this process (a
-//! checkpoint, a key or caller change) meets this connection at SQLite's lock; another process (a
-//! second instance, the CLI) is ordered by that lock and the busy timeout, as before. The
-//! transaction is the one the sqlx path runs: `BEGIN IMMEDIATE`, apply the ops that still hold,
-//! read the chain head, insert the linked events, move the head, commit (synchronous = FULL:
-//! durable before the answer).
+//! until the answer, so nothing else of this process (a checkpoint, a key or caller change) meets
+//! this connection at SQLite's lock; another process (a second instance, the CLI) is ordered by
+//! that lock and the busy timeout, as before. The transaction is the one the sqlx path runs:
+//! `BEGIN IMMEDIATE`, apply the ops that still hold, read the chain head, insert the linked
+//! events, move the head, commit (synchronous = FULL: durable before the answer).
 
 use std::{
     path::Path,
-    sync::{Arc, Mutex, mpsc},
+    sync::{Arc, mpsc},
     thread::JoinHandle,
 };
 
@@ -62,8 +61,8 @@ enum Work {
 /// The direct appender: a connection on its own thread, fed one transaction at a time, by the
 /// group committer (events, sweeps).
 pub(super) struct DirectAppender {
-    jobs: Mutex<Option<mpsc::Sender<Work>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    jobs: Option<mpsc::Sender<Work>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl DirectAppender {
@@ -81,8 +80,8 @@ impl DirectAppender {
             .spawn(move || serve(conn, rx))
             .map_err(|e| StoreError::Unavailable(format!("audit appender thread: {e}")))?;
         Ok(Some(Self {
-            jobs: Mutex::new(Some(jobs)),
-            thread: Mutex::new(Some(thread)),
+            jobs: Some(jobs),
+            thread: Some(thread),
         }))
     }
 
@@ -117,8 +116,6 @@ impl DirectAppender {
 
     fn hand_off(&self, work: Work) -> Result<(), StoreError> {
         self.jobs
-            .lock()
-            .map_err(|_| stopped())?
             .as_ref()
             .ok_or_else(stopped)?
             .send(work)
@@ -126,12 +123,9 @@ impl DirectAppender {
     }
 
     /// Takes no more work, lets the thread finish what it holds, then closes its connection.
-    pub(super) async fn close(&self) {
-        if let Ok(mut jobs) = self.jobs.lock() {
-            jobs.take();
-        }
-        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(thread) = thread
+    pub(super) async fn close(mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take()
             && tokio::task::spawn_blocking(move || thread.join())
                 .await
                 .is_err()

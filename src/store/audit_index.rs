@@ -100,15 +100,9 @@ impl Location {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "ATTACH DATABASE $1 AS {SCHEMA}"
         )))
-        .bind(target.clone())
+        .bind(target)
         .execute(&mut *conn)
-        .await
-        .map_err(|e| {
-            // The file's name in the error: it is derived data an operator may delete.
-            sqlx::Error::Configuration(
-                format!("cannot attach the audit index {target}: {e}").into(),
-            )
-        })?;
+        .await?;
         if let Self::Memory(_) = self {
             conn.execute(sqlx::AssertSqlSafe(create_sql(SCHEMA)))
                 .await?;

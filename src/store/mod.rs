@@ -437,7 +437,7 @@ impl Store {
                 .connect_with(options.pragma("cache_size", "-4096"))
                 .await?;
             tokio::spawn(checkpoint_loop(read.clone()));
-            let appender = appender::DirectAppender::open(&file)?.map(Arc::new);
+            let appender = appender::DirectAppender::open(&file)?;
             let inline = inline_reader::InlineReader::new(&file).map(Arc::new);
             (
                 Backend::Sqlite(read),

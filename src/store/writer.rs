@@ -330,7 +330,7 @@ impl GroupCommitter {
     pub(super) fn start(
         backend: Backend,
         linker: Arc<OnceLock<Arc<dyn ChainLinker>>>,
-        appender: Option<Arc<DirectAppender>>,
+        appender: Option<DirectAppender>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         #[cfg(test)]
@@ -1626,7 +1626,7 @@ macro_rules! apply_one {
 async fn run(
     backend: Backend,
     linker: Arc<OnceLock<Arc<dyn ChainLinker>>>,
-    appender: Option<Arc<DirectAppender>>,
+    appender: Option<DirectAppender>,
     mut rx: mpsc::Receiver<Job>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
@@ -1637,7 +1637,7 @@ async fn run(
             jobs.push((job.op, job.audit));
             replies.push(job.reply);
         }
-        let results = commit_batch(&backend, linker.get(), appender.as_deref(), jobs).await;
+        let results = commit_batch(&backend, linker.get(), appender.as_ref(), jobs).await;
         for (reply, result) in replies.into_iter().zip(results) {
             // A submitter that went away (cancelled request) no longer needs its answer; the write
             // is committed all the same, as it would be had the answer been lost on the wire.
@@ -1666,7 +1666,7 @@ async fn append_direct(
 /// SQLite: the pool's one writing connection, held (until dropped) while the direct appender's
 /// thread runs a transaction, so whoever else in this process writes waits for it instead of
 /// meeting that transaction at SQLite's lock. PostgreSQL: nothing to hold.
-pub(super) async fn hold_writing_connection(
+async fn hold_writing_connection(
     backend: &Backend,
 ) -> Result<Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>, StoreError> {
     Ok(match backend {
