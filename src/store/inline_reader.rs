@@ -29,11 +29,11 @@ const MAX_IDLE: usize = 4;
 
 /// Pages each connection caches: as many as SQLite allocates in one block when a cache first
 /// fills (`SQLITE_DEFAULT_PCACHE_INITSZ`; each connection has a cache of its own, see
-/// `.cargo/config.toml`), so that a read never allocates a page. Every commit of
-/// the main file empties the cache before the next read, so a larger one held only a few reads'
-/// worth of pages, allocated one by one with `malloc` and freed at every commit: 4 % of the
-/// server's time under closed-loop `get`, mostly the C heap growing again. A point read touches
-/// about eight pages (three B-trees); the cache keeps the upper ones, which every read visits.
+/// `.cargo/config.toml`), so that a read never allocates a page. Every commit of the main file
+/// empties the cache before the next read, so a larger one held only a few reads' worth of pages,
+/// allocated one by one with `malloc` and freed at every commit: 4 % of the server's time under
+/// closed-loop `get`, mostly the C heap growing again. A point read touches about eight pages
+/// (three B-trees); the cache keeps the upper ones, which every read visits.
 const CACHE_PAGES: i64 = 20;
 
 const SUBJECT_BY_ID: &str = "SELECT s.id, k.dek_id, k.kek_version, k.wrapped_dek, s.record, \
