@@ -71,6 +71,9 @@ struct EventRow {
 pub const AUDIT_INDEX_BATCH: u64 = 500;
 pub(super) const INDEX_BATCH: i64 = AUDIT_INDEX_BATCH as i64;
 
+/// A prune's deletion of the events up to and including `$1` (both paths of `prune_audit`).
+const PRUNE_EVENTS: &str = "DELETE FROM audit_events WHERE seq <= $1";
+
 /// What one run of the indexer takes in: how many events, the last one's seq (the new mark), and
 /// their (subject, seq) entries, sorted (so one B-tree page takes many) and without repeats.
 pub(super) struct IndexRun {
@@ -368,10 +371,7 @@ impl Store {
             // The index file is another database: its entries go after the events. An entry left
             // by a failure in between names an event no query finds any more, and the next prune
             // deletes it; the events are pruned either way.
-            let done = sqlx::query("DELETE FROM audit_events WHERE seq <= $1")
-                .bind(seq)
-                .execute(pool)
-                .await?;
+            let done = sqlx::query(PRUNE_EVENTS).bind(seq).execute(pool).await?;
             if let Err(e) = index.prune(seq).await {
                 tracing::warn!(error = %e, seq, "entries of pruned audit events left in the audit index");
             }
@@ -380,7 +380,7 @@ impl Store {
         on_pool!(&self.write_backend, pool => {
             let mut tx = pool.begin().await?;
             sqlx::query("DELETE FROM audit_subjects WHERE seq <= $1").bind(seq).execute(&mut *tx).await?;
-            let done = sqlx::query("DELETE FROM audit_events WHERE seq <= $1").bind(seq).execute(&mut *tx).await?;
+            let done = sqlx::query(PRUNE_EVENTS).bind(seq).execute(&mut *tx).await?;
             tx.commit().await?;
             Ok(done.rows_affected())
         })

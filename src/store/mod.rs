@@ -401,8 +401,11 @@ impl Store {
                 audit_index::Location::Memory(_) => (None, Some(index_location.clone())),
             };
             // Readers and the one writer get pools of their own: WAL lets them run side by side,
-            // and the writer's larger page cache holds the B-tree pages it keeps touching. The pool
-            // does not ping a local file before every use (a whole worker round trip per query).
+            // and the writer's larger page cache holds the B-tree pages creates keep touching
+            // (with 8 MiB instead of 16, seeding 100,000 subjects ran a fifth slower). A commit
+            // by the audit appender empties it, so it serves runs of writes, not writes among
+            // reads. The pool does not ping a local file before every use (a whole worker round
+            // trip per query); sqlx still pings each connection returned to the pool.
             let write = SqlitePoolOptions::new()
                 .max_connections(1)
                 .min_connections(1)
