@@ -605,14 +605,16 @@ impl Vault {
         let stored = PathSet::from_paths(view.fields.keys().copied());
         let vis = access.visibility(stored, wanted);
         let mut masked = Vec::new();
-        let fields = std::mem::take(&mut view.fields);
-        for (path, field) in fields {
+        // In place: a caller who reads every leaf (the usual case) keeps the map as it is.
+        view.fields.retain(|&path, field| {
             if vis.read.contains(path) {
-                view.fields.insert(path, field);
-            } else if vis.masked.contains(path) {
+                return true;
+            }
+            if vis.masked.contains(path) {
                 masked.push((path, mask_value(path, &field.value)));
             }
-        }
+            false
+        });
         draft.read(vis.read);
         draft.masked(vis.masked);
         Shown {
