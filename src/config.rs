@@ -286,7 +286,8 @@ pub struct LimitArgs {
     /// Calls served at once over all connections; more wait for a free slot. A call waiting for a
     /// slot holds less memory than one being served (its message, row, answer and their buffers):
     /// offered more than it can serve, a 2-core server peaked at 144–155 MB with this default and
-    /// at 156–164 MB with 1,024, and 256 calls are already tens of milliseconds of queue there.
+    /// at 156–164 MB with 1,024 (at 256 streams per connection; 131–134 MB at 64, the current), and
+    /// 256 calls are already tens of milliseconds of queue there.
     #[arg(
         long = "max-concurrent-requests",
         env = "KLUIS_MAX_CONCURRENT_REQUESTS",
