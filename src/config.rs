@@ -283,11 +283,8 @@ pub struct LimitArgs {
         default_value_t = 30
     )]
     pub request_timeout_seconds: u64,
-    /// Calls served at once over all connections; more wait for a free slot. A call waiting for a
-    /// slot holds less memory than one being served (its message, row, answer and their buffers):
-    /// offered more than it can serve, a 2-core server peaked at 144–155 MB with this default and
-    /// at 156–164 MB with 1,024 (at 256 streams per connection; 131–134 MB at 64, the current), and
-    /// 256 calls are already tens of milliseconds of queue there.
+    /// Calls served at once over all connections; more wait for a free slot, holding less memory
+    /// than a call being served (README, Benchmark: the server's peak under overload).
     #[arg(
         long = "max-concurrent-requests",
         env = "KLUIS_MAX_CONCURRENT_REQUESTS",

@@ -36,8 +36,7 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Calls one HTTP/2 connection may have in flight at once; a client with more waits for a free
 /// stream (or opens another connection). A call the server has accepted holds memory while it
-/// waits for a slot of `--max-concurrent-requests`: under the full bench's overload (four
-/// connections) the server peaked at 131–134 MB with 64 here, and at 144–155 MB with 256.
+/// waits for a slot of `--max-concurrent-requests` (README, Benchmark: the peak with 64 and 256).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
 /// The domain services one instance serves.
