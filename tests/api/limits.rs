@@ -1,7 +1,8 @@
 //! Limits: a token-guessing client address is refused after its failed authentications while
 //! other clients behind the same trusted proxy are served; `x-forwarded-for` is believed only
 //! from a trusted proxy; successful calls never count; the refusal ends with the window; a call
-//! without a deadline is cut off at the server's default; calls beyond the concurrency limit wait.
+//! without a deadline is cut off at the server's default; calls beyond the concurrency limit wait;
+//! calls beyond what one connection carries wait at the client.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use kluis::{
     ServeArgs,
     api::pb::{self, subject_service_client::SubjectServiceClient},
 };
-use tonic::{Code, Status};
+use tonic::{Code, Status, transport::Channel};
 
 use crate::helpers::{OPERATOR_PURPOSE, TestApp, TestDb, full_subject, spawn_with, tag};
 
@@ -18,6 +19,16 @@ const BAD: &str =
 
 /// GetSubject of `id` with `token`, as if forwarded for `client` by a proxy.
 async fn get_as(app: &TestApp, id: &str, token: &str, client: Option<&str>) -> Result<(), Status> {
+    get_on(app.channel(), id, token, client).await.map(drop)
+}
+
+/// [`get_as`] on `channel`, with the answer.
+async fn get_on(
+    channel: Channel,
+    id: &str,
+    token: &str,
+    client: Option<&str>,
+) -> Result<pb::Subject, Status> {
     let mut request = tonic::Request::new(pb::GetSubjectRequest {
         id: id.to_owned(),
         read_mask: None,
@@ -30,10 +41,10 @@ async fn get_as(app: &TestApp, id: &str, token: &str, client: Option<&str>) -> R
     if let Some(client) = client {
         md.insert("x-forwarded-for", client.parse().unwrap());
     }
-    SubjectServiceClient::new(app.channel())
+    SubjectServiceClient::new(channel)
         .get_subject(request)
         .await
-        .map(drop)
+        .map(|r| r.into_inner().subject.unwrap_or_default())
 }
 
 async fn spawn_limited(limit: u32, window_s: u64, proxies: &[&str]) -> (TestApp, String) {
@@ -252,5 +263,33 @@ async fn calls_beyond_the_concurrency_limit_wait_for_a_free_slot() {
         3,
         "{swept:?}"
     );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_calls_at_once_than_one_connection_carries_are_all_answered() {
+    // The server lets one HTTP/2 connection carry MAX_STREAMS_PER_CONNECTION calls at once; a
+    // client starting more on one new connection has the rest wait at its end, none refused.
+    let app = crate::helpers::spawn_kluis().await;
+    let id = app.create(full_subject(&tag())).await.id;
+    let channel = Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect_lazy();
+    let token = app.operator_token.clone();
+    let calls = 3 * kluis::api::MAX_STREAMS_PER_CONNECTION as usize;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..calls {
+        let (channel, id, token) = (channel.clone(), id.clone(), token.clone());
+        tasks.spawn(async move { get_on(channel, &id, &token, None).await });
+    }
+    let mut answered = 0;
+    while let Some(result) = tasks.join_next().await {
+        let subject = result
+            .unwrap()
+            .unwrap_or_else(|e| panic!("a call failed: {e:?}"));
+        assert_eq!(subject.id, id);
+        answered += 1;
+    }
+    assert_eq!(answered, calls);
     app.stop().await;
 }
