@@ -241,6 +241,46 @@ async fn concurrent_updates_without_version_all_apply() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_each_get_their_own_subjects() {
+    // Lookups arriving together are answered by one query per batch (padded to a few sizes):
+    // each must still get exactly its own subjects, none of another's and none of the padding.
+    use pb::find_subjects_request::Key;
+    let app = spawn_kluis().await;
+    let tags: Vec<String> = (0..5).map(|_| tag()).collect();
+    let mut ids = Vec::new();
+    for t in &tags {
+        ids.push(app.create(full_subject(t)).await.id);
+    }
+    let mut all = ids.clone();
+    all.sort();
+    let mut lookups = tokio::task::JoinSet::new();
+    for n in 0..45 {
+        let (key, expected) = match n % 7 {
+            0..5 => (
+                Key::Email(format!("klant.{}@example.nl", tags[n % 7])),
+                vec![ids[n % 7].clone()],
+            ),
+            // Every full_subject has this phone number.
+            5 => (Key::Phone("+31853033451".into()), all.clone()),
+            _ => (Key::Email(format!("niemand.{n}@example.nl")), vec![]),
+        };
+        let mut client = app.subjects();
+        lookups.spawn(async move {
+            let found = client
+                .find_subjects(pb::FindSubjectsRequest { key: Some(key) })
+                .await
+                .unwrap()
+                .into_inner()
+                .subject_ids;
+            assert_eq!(found, expected, "lookup {n}");
+        });
+    }
+    while let Some(done) = lookups.join_next().await {
+        done.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn find_matches_email_case_insensitively_iban_with_spaces_phone_and_username() {
     let app = spawn_kluis().await;
     let t = tag();
