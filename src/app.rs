@@ -4,7 +4,7 @@
 use std::{fs, future::Future, net::SocketAddr, os::unix::fs::DirBuilderExt, sync::Arc};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinHandle};
 use zeroize::Zeroizing;
 
 use crate::{
@@ -70,6 +70,9 @@ pub struct Application {
     services: api::Services,
     calls: api::Calls,
     failures: Arc<api::FailedAuthentications>,
+    /// The background jobs (checkpoints, audit index and pruning, key jobs, re-index, sweeper,
+    /// token pruning), stopped when serving ends.
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Application {
@@ -124,11 +127,14 @@ impl Application {
             policy.version().to_owned(),
             checkpoint_settings(args),
         );
-        trail.spawn_checkpointer();
+        let mut background = vec![trail.spawn_checkpointer()];
         // After the trail: the re-wrap job's events need the chain key.
-        keys.spawn_jobs();
-        trail.spawn_indexer(std::time::Duration::from_millis(500));
-        spawn_audit_pruning(trail.clone(), args.audit.retention_days);
+        background.extend(keys.spawn_jobs());
+        background.push(trail.spawn_indexer(std::time::Duration::from_millis(500)));
+        background.push(spawn_audit_pruning(
+            trail.clone(),
+            args.audit.retention_days,
+        ));
         tracing::info!(
             version = policy.version(),
             date = policy.date(),
@@ -156,7 +162,7 @@ impl Application {
             policy.clone(),
             clock.clone(),
         ));
-        vault.spawn_reindexer();
+        background.extend(vault.spawn_reindexer());
         let retention = Arc::new(Retention::new(
             store.clone(),
             policy.clone(),
@@ -164,13 +170,13 @@ impl Application {
             trail.clone(),
             retention_settings(args),
         ));
-        retention.spawn_sweeper();
+        background.extend(retention.spawn_sweeper());
         let consent = Arc::new(Consent::new(
             vault.clone(),
             rights_keys.token_mac,
             std::time::Duration::from_secs(u64::from(args.consent.unsubscribe_token_days) * 86_400),
         ));
-        consent.spawn_token_pruning();
+        background.push(consent.spawn_token_pruning());
         let rights = Arc::new(Rights::new(
             vault.clone(),
             retention.clone(),
@@ -249,6 +255,7 @@ impl Application {
             },
             calls,
             failures,
+            background,
         })
     }
 
@@ -314,6 +321,15 @@ impl Application {
         .await;
         if let Some(task) = metrics {
             task.abort();
+        }
+        // The background jobs stop before the store closes: none of them is left running
+        // against closed pools, and the database's files are closed with the store. A job cut off
+        // mid-way is one the process ending would cut off too; each resumes at the next start.
+        for task in &self.background {
+            task.abort();
+        }
+        for task in self.background {
+            let _ = task.await;
         }
         // The failures counted in the current window, and a last checkpoint of the head.
         failures.flush().await;
@@ -519,7 +535,7 @@ pub fn load_policy(args: &ServeArgs) -> Result<Policy, PolicyErrors> {
 }
 
 /// Prunes audit events older than the retention once a day (and once shortly after start).
-fn spawn_audit_pruning(trail: Arc<AuditTrail>, retention_days: u32) {
+fn spawn_audit_pruning(trail: Arc<AuditTrail>, retention_days: u32) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(24 * 3600));
         loop {
@@ -531,7 +547,7 @@ fn spawn_audit_pruning(trail: Arc<AuditTrail>, retention_days: u32) {
                 Err(e) => tracing::warn!(error = %e, "audit pruning failed"),
             }
         }
-    });
+    })
 }
 
 /// The key source the settings name: an operator passphrase (`KLUIS_ROOT_PASSPHRASE`, or the file

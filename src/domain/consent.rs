@@ -86,7 +86,7 @@ impl Consent {
     }
 
     /// Prunes expired unsubscribe tokens once a day, in the background.
-    pub fn spawn_token_pruning(self: &Arc<Self>) {
+    pub fn spawn_token_pruning(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let consent = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(24 * 3600));
@@ -98,7 +98,7 @@ impl Consent {
                     Err(e) => tracing::warn!(error = %e, "pruning unsubscribe tokens failed"),
                 }
             }
-        });
+        })
     }
 
     /// Records the subject's objection against `purpose`. Refused (`FailedPrecondition`, naming

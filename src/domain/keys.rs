@@ -878,10 +878,10 @@ impl Keys {
 
     /// Starts the refresher (every `refresh`, or at once when asked) and, unless switched off,
     /// the re-wrap job. Both end when the instance's keys are dropped.
-    pub fn spawn_jobs(self: &Arc<Self>) {
+    pub fn spawn_jobs(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let weak = Arc::downgrade(self);
         let every = self.settings.refresh;
-        tokio::spawn(async move {
+        let refresher = tokio::spawn(async move {
             loop {
                 let Some(keys) = weak.upgrade() else { return };
                 tokio::select! {
@@ -894,10 +894,10 @@ impl Keys {
             }
         });
         if self.settings.rewrap_rate == 0 {
-            return;
+            return vec![refresher];
         }
         let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
+        let rewrapper = tokio::spawn(async move {
             loop {
                 let Some(keys) = weak.upgrade() else { return };
                 if let Err(e) = keys.rewrap_all(keys.settings.rewrap_rate).await {
@@ -909,6 +909,7 @@ impl Keys {
                 }
             }
         });
+        vec![refresher, rewrapper]
     }
 }
 

@@ -775,13 +775,13 @@ impl Vault {
 
     /// Runs the re-index job after every blind-index key rotation (and once at start, finishing
     /// one a crash interrupted), unless the job is switched off. Ends with the instance.
-    pub fn spawn_reindexer(self: &Arc<Self>) {
+    pub fn spawn_reindexer(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
         let settings = self.keys.settings().clone();
         if settings.rewrap_rate == 0 {
-            return;
+            return None;
         }
         let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
+        Some(tokio::spawn(async move {
             loop {
                 let Some(vault) = weak.upgrade() else { return };
                 if let Err(e) = vault
@@ -795,7 +795,7 @@ impl Vault {
                     () = vault.keys.reindex_requested() => {}
                 }
             }
-        });
+        }))
     }
 
     /// Reloads the keyring first if a row's data key is under a KEK version this instance has not

@@ -116,7 +116,8 @@ impl Location {
 /// IMMEDIATE` takes a write lock on every database of a connection that is writable, so the main
 /// file, read-only here, is only read.
 pub(super) struct IndexWriter {
-    conn: Arc<Mutex<Connection>>,
+    /// `None` once closed ([`IndexWriter::close`]).
+    conn: Arc<Mutex<Option<Connection>>>,
 }
 
 impl IndexWriter {
@@ -152,7 +153,7 @@ impl IndexWriter {
         conn.execute_batch(&create_sql("main"))?;
         conn.execute("ATTACH DATABASE ?1 AS trail", [read_only_uri(main)])?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Arc::new(Mutex::new(Some(conn))),
         })
     }
 
@@ -192,6 +193,16 @@ impl IndexWriter {
         .await
     }
 
+    /// Closes the connection, once a run under way has finished; runs after this fail.
+    pub(super) async fn close(&self) {
+        let conn = self.conn.clone();
+        // Waiting for the lock blocks: a run under way holds it.
+        let _ = tokio::task::spawn_blocking(move || {
+            conn.lock().unwrap_or_else(PoisonError::into_inner).take()
+        })
+        .await;
+    }
+
     async fn on_connection<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -200,7 +211,10 @@ impl IndexWriter {
         tokio::task::spawn_blocking(move || {
             // The connection holds no state a panic elsewhere could leave half-changed.
             let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
-            work(&mut conn)
+            let conn = conn
+                .as_mut()
+                .ok_or_else(|| StoreError::Unavailable("audit index writer closed".into()))?;
+            work(conn)
         })
         .await
         .map_err(|_| StoreError::Unavailable("audit index writer stopped".into()))?

@@ -43,7 +43,8 @@ const SUBJECT_BY_ID: &str = "SELECT s.id, k.dek_id, k.kek_version, k.wrapped_dek
 /// Read-only connections to one database file, used one per read.
 pub(super) struct InlineReader {
     path: PathBuf,
-    idle: Mutex<Vec<Connection>>,
+    /// `None` once closed ([`InlineReader::close`]).
+    idle: Mutex<Option<Vec<Connection>>>,
 }
 
 impl InlineReader {
@@ -55,36 +56,47 @@ impl InlineReader {
         }
         Some(Self {
             path: path.to_path_buf(),
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(Some(Vec::new())),
         })
     }
 
     /// The subject's row, or `None` when no subject has that id.
     pub(super) fn subject(&self, id: Uuid) -> Result<Option<SubjectRow>, StoreError> {
-        let conn = match self.lock().pop() {
+        let idle = self.lock().as_mut().map(Vec::pop).ok_or_else(closed)?;
+        let conn = match idle {
             Some(conn) => conn,
             None => connect(&self.path)?,
         };
         let raw = read_subject(&conn, id);
         // A connection whose read failed is dropped, not reused: the next read opens a fresh one.
-        if raw.is_ok() {
-            let mut idle = self.lock();
-            if idle.len() < MAX_IDLE {
-                idle.push(conn);
-            }
+        if raw.is_ok()
+            && let Some(idle) = self.lock().as_mut()
+            && idle.len() < MAX_IDLE
+        {
+            idle.push(conn);
         }
         raw?.map(SubjectRow::try_from).transpose()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+    /// Closes the idle connections; reads after this fail (a read under way finishes, and its
+    /// connection is closed then).
+    pub(super) fn close(&self) {
+        self.lock().take();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<Connection>>> {
         // The list holds connections only; a panic elsewhere leaves it usable.
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     #[cfg(test)]
     fn idle_count(&self) -> usize {
-        self.lock().len()
+        self.lock().as_ref().map_or(0, Vec::len)
     }
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("store closed".into())
 }
 
 fn connect(path: &Path) -> Result<Connection, StoreError> {

@@ -499,11 +499,19 @@ impl Store {
         .map_err(|e| StoreError::Migrate(e.to_string()))
     }
 
-    /// Closes the pool after the queued writes have been committed.
+    /// Closes the pools and every connection of its own (the inline readers', the audit index
+    /// writer's) after the queued writes have been committed; the database's files are then no
+    /// longer open, and every later use of the store fails.
     pub async fn close(&self) {
         self.writer.shutdown().await;
         on_pool!(&self.backend, pool => pool.close().await);
-        on_pool!(&self.write_backend, pool => pool.close().await)
+        on_pool!(&self.write_backend, pool => pool.close().await);
+        if let Some(inline) = &self.inline {
+            inline.close();
+        }
+        if let Some(index) = &self.audit_index {
+            index.close().await;
+        }
     }
 
     /// Open and idle connections per pool: `reads` and `writes` (SQLite's one writing

@@ -1,5 +1,5 @@
 //! Operations: durability settings, restarts, several instances on one database, health and
-//! reflection without a token.
+//! reflection without a token; a stopped server leaves no file open and no job running.
 
 use kluis::api::pb;
 use tonic::Code;
@@ -136,4 +136,40 @@ async fn every_response_carries_a_request_id() {
         .await
         .unwrap_err();
     assert!(err.metadata().get("x-request-id").is_some());
+}
+
+/// The files below `dir` this process has open.
+fn open_files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.starts_with(&dir))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_has_none_of_its_files_open_and_no_job_left_running() {
+    let app = spawn_kluis().await;
+    let dir = app.db.data_dir();
+    let created = app.create(full_subject(&tag())).await;
+    app.get(&created.id).await.unwrap();
+    // The audit indexer runs every 500 ms: let it open its file and index the calls.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    if !postgres_mode() {
+        assert!(
+            !open_files_under(&dir).is_empty(),
+            "a serving SQLite instance has its database open"
+        );
+    }
+    let _db = app.stop().await;
+    let open = open_files_under(&dir);
+    assert!(open.is_empty(), "still open after stop: {open:?}");
+    // A job left running would now fail at every run, and say so.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let logs = crate::helpers::captured_logs();
+    assert!(
+        !logs.contains("audit index writer closed"),
+        "a background job still runs: {logs}"
+    );
 }
