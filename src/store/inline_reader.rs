@@ -1,6 +1,6 @@
-//! SQLite only: a subject's row by id, read on the calling thread over a direct connection
-//! (rusqlite) taken from a small idle list, instead of being handed to the read coalescer and sqlx's
-//! connection threads.
+//! SQLite only: a subject's row by id, and a blind-index lookup, read on the calling thread over a
+//! direct connection (rusqlite) taken from a small idle list, instead of being handed to the read
+//! coalescer and sqlx's connection threads.
 //!
 //! A point read by primary key is a few B-tree pages from the operating system's page cache: tens
 //! of microseconds, less than the hand-offs it replaces (tokio task → coalescer → sqlx's worker
@@ -22,7 +22,7 @@ use std::{
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use uuid::Uuid;
 
-use super::{RawSubjectRow, SQLITE_BUSY_TIMEOUT, StoreError, SubjectRow};
+use super::{Found, RawSubjectRow, SQLITE_BUSY_TIMEOUT, StoreError, SubjectRow, uuid_from};
 
 /// Idle connections kept for the next read (about one per runtime worker and blocking thread).
 const MAX_IDLE: usize = 4;
@@ -39,6 +39,11 @@ const CACHE_PAGES: i64 = 20;
 const SUBJECT_BY_ID: &str = "SELECT s.id, k.dek_id, k.kek_version, k.wrapped_dek, s.record, \
      s.version, s.created_at, s.updated_at, s.retention, s.retention_version, s.restricted_at \
      FROM subjects s JOIN data_keys k ON k.subject_id = s.id WHERE s.id = ?1";
+
+/// The cast: see the module docs of `store`.
+const FIND_BY_DIGEST: &str = "SELECT b.subject_id, s.retention, s.restricted_at \
+     FROM blind_index b JOIN subjects s ON s.id = b.subject_id \
+     WHERE b.path = CAST(?1 AS TEXT) AND b.digest = ?2 ORDER BY b.subject_id LIMIT ?3";
 
 /// Read-only connections to one database file, used one per read.
 pub(super) struct InlineReader {
@@ -62,20 +67,65 @@ impl InlineReader {
 
     /// The subject's row, or `None` when no subject has that id.
     pub(super) fn subject(&self, id: Uuid) -> Result<Option<SubjectRow>, StoreError> {
+        self.read(|conn| read_subject(conn, id))?
+            .map(SubjectRow::try_from)
+            .transpose()
+    }
+
+    /// The subjects whose blind index at `path` equals `digest`, at most `limit`, in id order
+    /// (what the read coalescer's lookups return).
+    pub(super) fn find(
+        &self,
+        path: &str,
+        digest: &[u8; 32],
+        limit: u32,
+    ) -> Result<Vec<Found>, StoreError> {
+        let rows = self.read(|conn| {
+            let mut statement = conn.prepare_cached(FIND_BY_DIGEST)?;
+            let rows = statement
+                .query_map(
+                    rusqlite::params![path, digest.as_slice(), i64::from(limit)],
+                    |r| {
+                        Ok((
+                            r.get::<_, Vec<u8>>(0)?,
+                            r.get(1)?,
+                            r.get::<_, Option<i64>>(2)?,
+                        ))
+                    },
+                )?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })?;
+        rows.into_iter()
+            .map(|(id, retention, restricted_at)| {
+                Ok(Found {
+                    id: uuid_from(&id)?,
+                    retention,
+                    restricted: restricted_at.is_some(),
+                })
+            })
+            .collect()
+    }
+
+    /// Runs `read` on an idle connection (or a new one), which goes back to the idle list after.
+    fn read<T>(
+        &self,
+        read: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let idle = self.lock().as_mut().map(Vec::pop).ok_or_else(closed)?;
         let conn = match idle {
             Some(conn) => conn,
             None => connect(&self.path)?,
         };
-        let raw = read_subject(&conn, id);
+        let result = read(&conn);
         // A connection whose read failed is dropped, not reused: the next read opens a fresh one.
-        if raw.is_ok()
+        if result.is_ok()
             && let Some(idle) = self.lock().as_mut()
             && idle.len() < MAX_IDLE
         {
             idle.push(conn);
         }
-        raw?.map(SubjectRow::try_from).transpose()
+        result
     }
 
     /// Closes the idle connections; reads after this fail (a read under way finishes, and its
@@ -145,8 +195,8 @@ mod tests {
         (store, path)
     }
 
-    /// A subject under KEK v1 (whose key row the create checks for).
-    async fn insert_subject(store: &Store) -> Uuid {
+    /// A subject under KEK v1 (whose key row the create checks for), with `index`.
+    async fn insert_subject(store: &Store, index: Vec<crate::store::IndexEntry>) -> Uuid {
         let super::super::Backend::Sqlite(pool) = &store.write_backend else {
             panic!("a SQLite store")
         };
@@ -172,7 +222,7 @@ mod tests {
             restricted_at: Some(3_000),
         };
         store
-            .write(crate::store::WriteOp::Create { row, index: vec![] })
+            .write(crate::store::WriteOp::Create { row, index })
             .await
             .unwrap();
         id
@@ -182,12 +232,61 @@ mod tests {
     async fn an_inline_read_returns_the_row_the_coalescer_returns() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = store_in(&dir).await;
-        let id = insert_subject(&store).await;
+        let id = insert_subject(&store, vec![]).await;
         let inline = store.inline.as_ref().expect("a file database reads inline");
         let direct = inline.subject(id).unwrap().expect("the subject exists");
         let coalesced = store.reader.subject(id).await.unwrap().unwrap();
         assert_eq!(direct, coalesced);
         assert_eq!(inline.subject(Uuid::new_v4()).unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_inline_lookup_returns_what_the_coalescer_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_in(&dir).await;
+        let entry = |digest: u8| crate::store::IndexEntry {
+            path: "contact.email",
+            key_version: 1,
+            digest: [digest; 32],
+        };
+        let mut shared = Vec::new();
+        for _ in 0..3 {
+            shared.push(insert_subject(&store, vec![entry(1)]).await);
+        }
+        let other = insert_subject(&store, vec![entry(2)]).await;
+        shared.sort();
+        let inline = store.inline.as_ref().expect("a file database reads inline");
+        for (digest, limit) in [(1, 2), (1, 10), (2, 10), (3, 10)] {
+            let direct = inline.find("contact.email", &[digest; 32], limit).unwrap();
+            let coalesced = store
+                .reader
+                .find("contact.email", [digest; 32], limit)
+                .await
+                .unwrap();
+            assert_eq!(direct, coalesced, "digest {digest}, limit {limit}");
+        }
+        let ids = |found: Vec<Found>| found.into_iter().map(|f| f.id).collect::<Vec<_>>();
+        let all = inline.find("contact.email", &[1; 32], 10).unwrap();
+        for found in &all {
+            let row = inline.subject(found.id).unwrap().unwrap();
+            assert_eq!(found.retention, row.retention);
+            assert_eq!(found.restricted, row.restricted_at.is_some());
+        }
+        assert_eq!(ids(all), shared);
+        assert_eq!(
+            ids(inline.find("contact.email", &[1; 32], 2).unwrap()),
+            shared[..2]
+        );
+        assert_eq!(
+            ids(inline.find("contact.email", &[2; 32], 10).unwrap()),
+            vec![other]
+        );
+        assert!(
+            inline
+                .find("contact.phone", &[1; 32], 10)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[tokio::test]

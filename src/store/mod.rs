@@ -1,8 +1,8 @@
 //! Persistence behind one `Store` type with a SQLite and a PostgreSQL backend (sqlx, runtime
 //! queries). Rows hold only ciphertexts, wrapped keys, HMAC digests and metadata — never plaintext.
 //!
-//! Reads go straight to the pool, except a subject by id on a SQLite file, read on the calling
-//! thread over a direct connection ([`inline_reader`]); subject writes go through the group
+//! Reads go straight to the pool, except a subject by id and a blind-index lookup on a SQLite
+//! file, read on the calling thread over a direct connection ([`inline_reader`]); subject writes go through the group
 //! committer ([`writer`]), which drains concurrent requests into one transaction per batch.
 //!
 //! Blind-index paths are compared as `path = CAST($n AS TEXT)`, never `path = $n`. SQLite checks
@@ -650,14 +650,17 @@ impl Store {
         reader::subjects_by_id(&self.backend, ids).await
     }
 
-    /// Subjects whose blind index at `path` equals `digest`, at most `limit`, in id order;
-    /// concurrent lookups are coalesced into one query.
+    /// Subjects whose blind index at `path` equals `digest`, at most `limit`, in id order: read
+    /// inline from a SQLite file, else coalesced with concurrent lookups into one query.
     pub async fn find(
         &self,
         path: &'static str,
         digest: &[u8; 32],
         limit: u32,
     ) -> Result<Vec<Found>, StoreError> {
+        if let Some(inline) = &self.inline {
+            return inline.find(path, digest, limit);
+        }
         self.reader.find(path, *digest, limit).await
     }
 
