@@ -196,9 +196,11 @@ impl IndexWriter {
     /// Closes the connection, once a run under way has finished; runs after this fail.
     pub(super) async fn close(&self) {
         let conn = self.conn.clone();
-        // Waiting for the lock blocks: a run under way holds it.
+        // Off the async workers: a run under way holds the lock, and closing the file's last
+        // connection checkpoints its WAL.
         let _ = tokio::task::spawn_blocking(move || {
-            conn.lock().unwrap_or_else(PoisonError::into_inner).take()
+            let closed = conn.lock().unwrap_or_else(PoisonError::into_inner).take();
+            drop(closed);
         })
         .await;
     }

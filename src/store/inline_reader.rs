@@ -290,6 +290,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_closed_reader_keeps_no_connection_and_refuses_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, path) = store_in(&dir).await;
+        let reader = InlineReader::new(&path).unwrap();
+        assert_eq!(reader.subject(Uuid::new_v4()).unwrap(), None);
+        assert_eq!(reader.idle_count(), 1);
+        reader.close();
+        assert_eq!(reader.idle_count(), 0);
+        let refused = reader.subject(Uuid::new_v4()).unwrap_err();
+        assert!(matches!(refused, StoreError::Unavailable(_)), "{refused:?}");
+        assert!(reader.find("contact.email", &[0; 32], 1).is_err());
+        assert_eq!(reader.idle_count(), 0);
+    }
+
+    #[tokio::test]
     async fn connections_are_reused_not_opened_per_read() {
         let dir = tempfile::tempdir().unwrap();
         let (_, path) = store_in(&dir).await;
