@@ -331,8 +331,10 @@ impl Application {
         for task in self.background {
             let _ = task.await;
         }
-        // The failures counted in the current window, and a last checkpoint of the head.
+        // The failures counted in the current window, every queued write committed, and a last
+        // checkpoint of the head they leave.
         failures.flush().await;
+        self.store.finish_writes().await;
         if let Err(e) = trail.checkpoint().await {
             tracing::warn!(error = %e, "final audit checkpoint failed");
         }

@@ -877,7 +877,7 @@ impl Keys {
     }
 
     /// Starts the refresher (every `refresh`, or at once when asked) and, unless switched off,
-    /// the re-wrap job. Both end when the instance's keys are dropped.
+    /// the re-wrap job; the application stops both at shutdown (their handles).
     pub fn spawn_jobs(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let weak = Arc::downgrade(self);
         let every = self.settings.refresh;

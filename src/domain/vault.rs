@@ -774,7 +774,8 @@ impl Vault {
     }
 
     /// Runs the re-index job after every blind-index key rotation (and once at start, finishing
-    /// one a crash interrupted), unless the job is switched off. Ends with the instance.
+    /// one a crash interrupted), unless the job is switched off; the application stops it at
+    /// shutdown.
     pub fn spawn_reindexer(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
         let settings = self.keys.settings().clone();
         if settings.rewrap_rate == 0 {

@@ -8,7 +8,8 @@
 //! long and no longer: the read runs in autocommit, so it holds no lock and stays inside the WAL
 //! only for the statement, and WAL readers never wait for the writer. A database file evicted from
 //! the page cache would make these reads wait for the disk on a runtime worker; kluis's database is
-//! small enough to stay cached on a serving machine.
+//! small enough to stay cached on a serving machine. A lookup reads one more index entry and
+//! subject row per match, so one matching many subjects (at most its limit) blocks that much longer.
 //!
 //! Each connection is opened read-only and caches its prepared statement. Connections are opened
 //! when no idle one is left and kept up to [`MAX_IDLE`]; at most as many are in use as threads read
@@ -183,7 +184,7 @@ fn read_subject(conn: &Connection, id: Uuid) -> Result<Option<RawSubjectRow>, St
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::store::Store;
 
@@ -240,10 +241,12 @@ mod tests {
         assert_eq!(inline.subject(Uuid::new_v4()).unwrap(), None);
     }
 
-    #[tokio::test]
-    async fn an_inline_lookup_returns_what_the_coalescer_returns() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = store_in(&dir).await;
+    /// A store with three subjects under digest 1 at `contact.email` (returned in id order) and
+    /// one under digest 2.
+    pub(in crate::store) async fn store_with_lookups(
+        dir: &tempfile::TempDir,
+    ) -> (Store, Vec<Uuid>, Uuid) {
+        let (store, _) = store_in(dir).await;
         let entry = |digest: u8| crate::store::IndexEntry {
             path: "contact.email",
             key_version: 1,
@@ -253,8 +256,15 @@ mod tests {
         for _ in 0..3 {
             shared.push(insert_subject(&store, vec![entry(1)]).await);
         }
-        let other = insert_subject(&store, vec![entry(2)]).await;
         shared.sort();
+        let other = insert_subject(&store, vec![entry(2)]).await;
+        (store, shared, other)
+    }
+
+    #[tokio::test]
+    async fn an_inline_lookup_returns_what_the_coalescer_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, shared, other) = store_with_lookups(&dir).await;
         let inline = store.inline.as_ref().expect("a file database reads inline");
         for (digest, limit) in [(1, 2), (1, 10), (2, 10), (3, 10)] {
             let direct = inline.find("contact.email", &[digest; 32], limit).unwrap();

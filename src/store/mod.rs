@@ -2,8 +2,9 @@
 //! queries). Rows hold only ciphertexts, wrapped keys, HMAC digests and metadata — never plaintext.
 //!
 //! Reads go straight to the pool, except a subject by id and a blind-index lookup on a SQLite
-//! file, read on the calling thread over a direct connection ([`inline_reader`]); subject writes go through the group
-//! committer ([`writer`]), which drains concurrent requests into one transaction per batch.
+//! file, read on the calling thread over a direct connection ([`inline_reader`]); subject writes
+//! go through the group committer ([`writer`]), which drains concurrent requests into one
+//! transaction per batch.
 //!
 //! Blind-index paths are compared as `path = CAST($n AS TEXT)`, never `path = $n`. SQLite checks
 //! a bare `path = $n` against the partial index `blind_index_unique_username` (`WHERE path =
@@ -499,19 +500,26 @@ impl Store {
         .map_err(|e| StoreError::Migrate(e.to_string()))
     }
 
+    /// Commits the queued writes and stops the group committer (and the direct appender with
+    /// it): writes through it fail after this. [`Store::close`] does it too.
+    pub async fn finish_writes(&self) {
+        self.writer.shutdown().await;
+    }
+
     /// Closes the pools and every connection of its own (the inline readers', the audit index
     /// writer's) after the queued writes have been committed; the database's files are then no
-    /// longer open, and every later use of the store fails.
+    /// longer open, and every later use of the store fails. The read-write pool closes last, so
+    /// that the main file's last connection can checkpoint its WAL.
     pub async fn close(&self) {
-        self.writer.shutdown().await;
-        on_pool!(&self.backend, pool => pool.close().await);
-        on_pool!(&self.write_backend, pool => pool.close().await);
+        self.finish_writes().await;
         if let Some(inline) = &self.inline {
             inline.close();
         }
         if let Some(index) = &self.audit_index {
             index.close().await;
         }
+        on_pool!(&self.backend, pool => pool.close().await);
+        on_pool!(&self.write_backend, pool => pool.close().await);
     }
 
     /// Open and idle connections per pool: `reads` and `writes` (SQLite's one writing

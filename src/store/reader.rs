@@ -223,8 +223,33 @@ async fn find_many(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::store::inline_reader::tests::store_with_lookups;
+
+    #[tokio::test]
+    async fn a_padded_batch_of_lookups_answers_each_with_its_own_rows_and_none_of_the_padding() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, shared, other) = store_with_lookups(&dir).await;
+        let lookup = |digest: u8, limit: u32| FindRequest {
+            path: "contact.email",
+            digest: [digest; 32],
+            limit,
+            reply: oneshot::channel().0,
+        };
+        // Three lookups, padded to four: the padding repeats the last (digest 1) with LIMIT 0.
+        let requests = [lookup(1, 10), lookup(2, 10), lookup(1, 2)];
+        assert_eq!(padded_len(requests.len()), 4);
+        let found = find_many(&store.backend, &requests).await.unwrap();
+        let ids = |k: usize| found[&k].iter().map(|f| f.id).collect::<Vec<_>>();
+        let mut keys: Vec<usize> = found.keys().copied().collect();
+        keys.sort();
+        assert_eq!(keys, vec![0, 1, 2]);
+        assert_eq!(ids(0), shared);
+        assert_eq!(ids(1), vec![other]);
+        assert_eq!(ids(2), shared[..2]);
+    }
 
     #[test]
     fn batch_sizes_round_up_to_powers_of_two() {

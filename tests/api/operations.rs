@@ -154,7 +154,7 @@ async fn a_stopped_server_has_none_of_its_files_open_and_no_job_left_running() {
     let dir = app.db.data_dir();
     let created = app.create(full_subject(&tag())).await;
     app.get(&created.id).await.unwrap();
-    // The audit indexer runs every 500 ms: let it open its file and index the calls.
+    // The audit indexer runs every 500 ms: let it index these calls at least once.
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     if !postgres_mode() {
         assert!(

@@ -242,8 +242,9 @@ async fn concurrent_updates_without_version_all_apply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_lookups_each_get_their_own_subjects() {
-    // Lookups arriving together are answered by one query per batch (padded to a few sizes):
-    // each must still get exactly its own subjects, none of another's and none of the padding.
+    // On PostgreSQL lookups arriving together are answered by one query per batch (padded to a
+    // few sizes), on a SQLite file each reads inline: either way each must get exactly its own
+    // subjects, none of another's and none of the padding.
     use pb::find_subjects_request::Key;
     let app = spawn_kluis().await;
     let tags: Vec<String> = (0..5).map(|_| tag()).collect();
