@@ -23,7 +23,7 @@ use std::{
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use uuid::Uuid;
 
-use super::{Found, RawSubjectRow, SQLITE_BUSY_TIMEOUT, StoreError, SubjectRow, uuid_from};
+use super::{Found, RawSubjectRow, SQLITE_BUSY_TIMEOUT, StoreError, SubjectRow};
 
 /// Idle connections kept for the next read (about one per runtime worker and blocking thread).
 const MAX_IDLE: usize = 4;
@@ -98,13 +98,7 @@ impl InlineReader {
             Ok(rows)
         })?;
         rows.into_iter()
-            .map(|(id, retention, restricted_at)| {
-                Ok(Found {
-                    id: uuid_from(&id)?,
-                    retention,
-                    restricted: restricted_at.is_some(),
-                })
-            })
+            .map(|(id, retention, restricted_at)| Found::from_row(&id, retention, restricted_at))
             .collect()
     }
 
@@ -194,6 +188,12 @@ pub(super) mod tests {
             .await
             .unwrap();
         (store, path)
+    }
+
+    /// An inline reader of a new, migrated database in `dir`, and the database's path.
+    async fn reader_in(dir: &tempfile::TempDir) -> (InlineReader, PathBuf) {
+        let (_, path) = store_in(dir).await;
+        (InlineReader::new(&path).unwrap(), path)
     }
 
     /// A subject under KEK v1 (whose key row the create checks for), with `index`.
@@ -302,8 +302,7 @@ pub(super) mod tests {
     #[tokio::test]
     async fn a_closed_reader_keeps_no_connection_and_refuses_reads() {
         let dir = tempfile::tempdir().unwrap();
-        let (_, path) = store_in(&dir).await;
-        let reader = InlineReader::new(&path).unwrap();
+        let (reader, _) = reader_in(&dir).await;
         assert_eq!(reader.subject(Uuid::new_v4()).unwrap(), None);
         assert_eq!(reader.idle_count(), 1);
         reader.close();
@@ -317,8 +316,7 @@ pub(super) mod tests {
     #[tokio::test]
     async fn connections_are_reused_not_opened_per_read() {
         let dir = tempfile::tempdir().unwrap();
-        let (_, path) = store_in(&dir).await;
-        let reader = InlineReader::new(&path).unwrap();
+        let (reader, _) = reader_in(&dir).await;
         for _ in 0..50 {
             assert_eq!(reader.subject(Uuid::new_v4()).unwrap(), None);
         }
@@ -328,8 +326,7 @@ pub(super) mod tests {
     #[tokio::test]
     async fn a_failed_read_reports_the_code_only_and_drops_its_connection() {
         let dir = tempfile::tempdir().unwrap();
-        let (_, path) = store_in(&dir).await;
-        let reader = InlineReader::new(&path).unwrap();
+        let (reader, path) = reader_in(&dir).await;
         assert_eq!(reader.subject(Uuid::new_v4()).unwrap(), None);
         // A table the statement needs is gone: SQLite's message would name it.
         Connection::open(&path)

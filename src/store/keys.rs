@@ -117,11 +117,7 @@ impl Store {
         })?;
         rows.into_iter()
             .map(|(id, retention, restricted_at)| {
-                Ok(super::Found {
-                    id: uuid_from(&id)?,
-                    retention,
-                    restricted: restricted_at.is_some(),
-                })
+                super::Found::from_row(&id, retention, restricted_at)
             })
             .collect()
     }

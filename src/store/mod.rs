@@ -295,6 +295,22 @@ pub struct Found {
     pub restricted: bool,
 }
 
+impl Found {
+    /// From a lookup's row: the subject id's bytes, its retention state, and when it was
+    /// restricted, if it is.
+    fn from_row(
+        id: &[u8],
+        retention: Option<Vec<u8>>,
+        restricted_at: Option<i64>,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            id: uuid_from(id)?,
+            retention,
+            restricted: restricted_at.is_some(),
+        })
+    }
+}
+
 /// One blind-index entry of a subject.
 #[derive(Debug, Clone)]
 pub struct IndexEntry {

@@ -210,11 +210,9 @@ async fn find_many(
     let mut out: HashMap<usize, Vec<Found>> = HashMap::new();
     for (k, id, retention, restricted_at) in rows {
         let k = usize::try_from(k).map_err(|_| StoreError::Corrupt("lookup index".into()))?;
-        out.entry(k).or_default().push(Found {
-            id: uuid_from(&id)?,
-            retention,
-            restricted: restricted_at.is_some(),
-        });
+        out.entry(k)
+            .or_default()
+            .push(Found::from_row(&id, retention, restricted_at)?);
     }
     for found in out.values_mut() {
         found.sort_unstable_by_key(|f| f.id);
