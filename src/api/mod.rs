@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod call;
 pub mod client_addr;
+mod conn_io;
 mod consent;
 mod convert;
 mod credential;
@@ -20,6 +21,7 @@ pub mod tls;
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tonic::transport::Server;
 
 pub use auth::{FailedAuthentications, RequestContext};
@@ -191,12 +193,18 @@ pub async fn serve(
         Some(tls) => {
             tls.spawn_reloader();
             router
-                .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
+                .serve_with_incoming_shutdown(
+                    tls::incoming(listener, tls).map(|c| c.map(conn_io::Unvectored)),
+                    shutdown,
+                )
                 .await
         }
         None => {
             router
-                .serve_with_incoming_shutdown(tcp_incoming(listener), shutdown)
+                .serve_with_incoming_shutdown(
+                    tcp_incoming(listener).map(|c| c.map(conn_io::Unvectored)),
+                    shutdown,
+                )
                 .await
         }
     };
