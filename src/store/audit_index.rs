@@ -22,15 +22,27 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicI64, Ordering},
+    },
 };
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use super::{
     SQLITE_BUSY_TIMEOUT, StoreError,
-    audit::{INDEX_BATCH, follows_mark, index_run},
+    audit::{follows_mark, index_run},
 };
+
+/// Most events one run of the index file's writer takes in, in one transaction. Far more than
+/// the sqlx path's [`super::audit::INDEX_BATCH`]: this transaction holds only the index file's
+/// lock, which no read or append waits for, and its cost is the B-tree pages it dirties, each
+/// written to the index's WAL once per commit however many entries it took. The entries land
+/// at random places (one per event, keyed by subject), so a run of 500 dirtied about one page
+/// per event; one run per tick (everything appended in the last 500 ms, up to this many) writes
+/// each page it touches once for all of them.
+pub(super) const FILE_INDEX_BATCH: i64 = 20_000;
 
 /// The schema name the index is attached under.
 const SCHEMA: &str = "audit_index";
@@ -118,6 +130,8 @@ impl Location {
 pub(super) struct IndexWriter {
     /// `None` once closed ([`IndexWriter::close`]).
     conn: Arc<Mutex<Option<Connection>>>,
+    /// Most events per run: [`FILE_INDEX_BATCH`] (tests set the sqlx path's, to compare runs).
+    batch: AtomicI64,
 }
 
 impl IndexWriter {
@@ -154,13 +168,20 @@ impl IndexWriter {
         conn.execute("ATTACH DATABASE ?1 AS trail", [read_only_uri(main)])?;
         Ok(Self {
             conn: Arc::new(Mutex::new(Some(conn))),
+            batch: AtomicI64::new(FILE_INDEX_BATCH),
         })
+    }
+
+    #[cfg(test)]
+    fn set_batch(&self, batch: i64) {
+        self.batch.store(batch, Ordering::Relaxed);
     }
 
     /// One run: the next events after the mark into the index, the mark moved (see
     /// [`super::Store::index_audit_subjects`]); how many events were indexed.
     pub(super) async fn index(&self) -> Result<u64, StoreError> {
-        self.on_connection(index).await
+        let batch = self.batch.load(Ordering::Relaxed);
+        self.on_connection(move |conn| index(conn, batch)).await
     }
 
     /// Empties the index if it was not built from the trail it now sees (see [`checked_mark`]),
@@ -241,14 +262,14 @@ fn read_only_uri(path: &Path) -> String {
 /// The indexer's transaction: check that the index belongs to this trail (else start it over),
 /// read the events after the mark, index the gap-free run ([`index_run`]), move the mark and
 /// record the link at it; nothing when there is no run.
-fn index(conn: &mut Connection) -> Result<u64, StoreError> {
+fn index(conn: &mut Connection, batch: i64) -> Result<u64, StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mark = checked_mark(&tx)?;
     let rows: Vec<(i64, String)> = tx
         .prepare_cached(
             "SELECT seq, subjects FROM audit_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?
-        .query_map(params![mark, INDEX_BATCH], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map(params![mark, batch], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     let oldest = if follows_mark(mark, &rows) {
         None
@@ -438,6 +459,9 @@ mod tests {
                 url == file,
                 "a file's index has a writer of its own"
             );
+            if let Some(writer) = &store.audit_index {
+                writer.set_batch(super::super::audit::INDEX_BATCH);
+            }
             record(&store, &lists).await;
             let mut counts = vec![store.index_audit_subjects().await.unwrap()];
             let (write, _) = pools(&store);
@@ -479,6 +503,25 @@ mod tests {
             dir.path().join("k.db.audit-index").exists(),
             "the index file beside the database"
         );
+    }
+
+    /// The file's writer takes everything appended since its last run in one transaction (up to
+    /// [`FILE_INDEX_BATCH`]), not the sqlx path's runs of 500: each index page it dirties is
+    /// written once per run.
+    #[tokio::test]
+    async fn the_index_files_writer_takes_all_new_events_in_one_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&format!("sqlite://{}", dir.path().join("k.db").display())).await;
+        let lists: Vec<Vec<Uuid>> = (0..1200u128)
+            .map(|n| vec![Uuid::from_u128(n % 97 + 1)])
+            .collect();
+        record(&store, &lists).await;
+        assert_eq!(store.index_audit_subjects().await.unwrap(), 1200);
+        assert_eq!(store.index_audit_subjects().await.unwrap(), 0);
+        let rows = index_rows(&store).await;
+        assert_eq!(rows.len(), 1201, "one entry per event, then the mark");
+        assert_eq!(rows.last().unwrap(), "mark 1200");
+        store.close().await;
     }
 
     /// A database put back from a backup under a newer index: the index's mark is past the
