@@ -44,6 +44,11 @@ use super::{
 /// each page it touches once for all of them.
 pub(super) const FILE_INDEX_BATCH: i64 = 20_000;
 
+/// Most text of `audit_events.subjects` one run holds, whatever its event count: an event may
+/// name up to a lookup's limit of subjects (37 bytes each), so 20,000 of them could hold hundreds
+/// of megabytes. A run stops after the event that reaches this (about 56,000 subject ids).
+pub(super) const FILE_INDEX_TEXT: usize = 2 << 20;
+
 /// The schema name the index is attached under.
 const SCHEMA: &str = "audit_index";
 
@@ -265,12 +270,22 @@ fn read_only_uri(path: &Path) -> String {
 fn index(conn: &mut Connection, batch: i64) -> Result<u64, StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mark = checked_mark(&tx)?;
-    let rows: Vec<(i64, String)> = tx
-        .prepare_cached(
+    let mut rows: Vec<(i64, String)> = Vec::new();
+    {
+        let mut select = tx.prepare_cached(
             "SELECT seq, subjects FROM audit_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?
-        .query_map(params![mark, batch], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
+        )?;
+        let mut found = select.query(params![mark, batch])?;
+        let mut text = 0;
+        while let Some(row) = found.next()? {
+            let subjects: String = row.get(1)?;
+            text += subjects.len();
+            rows.push((row.get(0)?, subjects));
+            if text >= FILE_INDEX_TEXT {
+                break;
+            }
+        }
+    }
     let oldest = if follows_mark(mark, &rows) {
         None
     } else {
@@ -521,6 +536,36 @@ mod tests {
         let rows = index_rows(&store).await;
         assert_eq!(rows.len(), 1201, "one entry per event, then the mark");
         assert_eq!(rows.last().unwrap(), "mark 1200");
+        store.close().await;
+    }
+
+    /// A run stops once the subject lists it holds reach [`FILE_INDEX_TEXT`], however few
+    /// events that is (lookups name up to 1,000 subjects each), and the next run goes on from
+    /// there: nothing is skipped or indexed twice.
+    #[tokio::test]
+    async fn a_run_of_events_naming_many_subjects_is_cut_by_their_size_and_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&format!("sqlite://{}", dir.path().join("k.db").display())).await;
+        let many: Vec<Uuid> = (0..1000u128).map(|n| Uuid::from_u128(n + 1)).collect();
+        // 37 bytes per id: 60 such events hold 2.2 MB of subject lists.
+        let per_event = 1000 * 37 - 1;
+        let events = 60;
+        let first_run = FILE_INDEX_TEXT.div_ceil(per_event);
+        assert!(first_run < events);
+        record(&store, &vec![many.clone(); events]).await;
+        let runs = [
+            store.index_audit_subjects().await.unwrap(),
+            store.index_audit_subjects().await.unwrap(),
+            store.index_audit_subjects().await.unwrap(),
+        ];
+        assert_eq!(
+            runs,
+            [first_run as u64, (events - first_run) as u64, 0],
+            "the first run stops at the event that reaches the limit; the next takes the rest"
+        );
+        let rows = index_rows(&store).await;
+        assert_eq!(rows.len(), events * 1000 + 1, "every (subject, event) once");
+        assert_eq!(rows.last().unwrap(), &format!("mark {events}"));
         store.close().await;
     }
 
