@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     crypto::SecretKey,
-    store::{AUDIT_INDEX_BATCH, AuditFilter, AuditRecord, ChainLinker, Store, StoredAuditEvent},
+    store::{AuditFilter, AuditRecord, ChainLinker, Store, StoredAuditEvent},
 };
 
 /// Events read per page while verifying.
@@ -214,16 +214,8 @@ impl AuditTrail {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                loop {
-                    match trail.store.index_audit_subjects().await {
-                        // A full batch: there may be more right away.
-                        Ok(n) if n >= AUDIT_INDEX_BATCH => continue,
-                        Ok(_) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "audit subject index not updated");
-                            break;
-                        }
-                    }
+                if let Err(e) = trail.store.index_audit_backlog().await {
+                    tracing::warn!(error = %e, "audit subject index not updated");
                 }
             }
         })

@@ -66,10 +66,31 @@ struct EventRow {
     mac: Vec<u8>,
 }
 
-/// Most events the indexer takes into `audit_subjects` per transaction: small enough that the
-/// transaction holds the (SQLite: only) write connection for a few milliseconds at a time.
-pub const AUDIT_INDEX_BATCH: u64 = 500;
-pub(super) const INDEX_BATCH: i64 = AUDIT_INDEX_BATCH as i64;
+/// Most events the sqlx path's indexer takes into `audit_subjects` per transaction: small enough
+/// that the transaction holds the (SQLite in memory: only) write connection for a few
+/// milliseconds at a time. A SQLite file's index writer takes more ([`super::audit_index`]).
+pub(super) const INDEX_BATCH: i64 = 500;
+
+/// What one run of the audit indexer did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexedRun {
+    /// Events taken into the index.
+    pub events: u64,
+    /// The run stopped at its limit, not at the end of the trail: more may be waiting.
+    pub full: bool,
+}
+
+impl IndexedRun {
+    /// `run`, made of `read` events read after the mark; `limited` when the read stopped at a
+    /// limit. A run cut short by a gap in the trail is not full: the events after the gap wait
+    /// (see [`index_run`]).
+    pub(super) fn after(run: &IndexRun, read: usize, limited: bool) -> Self {
+        Self {
+            events: run.events,
+            full: limited && usize::try_from(run.events).is_ok_and(|n| n == read),
+        }
+    }
+}
 
 /// A prune's deletion of the events up to and including `$1` (both paths of `prune_audit`).
 const PRUNE_EVENTS: &str = "DELETE FROM audit_events WHERE seq <= $1";
@@ -261,6 +282,25 @@ impl Store {
     /// ([`super::audit_index`]), so a run never holds the main file's write lock, for which every
     /// read's audit event waits. Elsewhere the run is this sqlx transaction.
     pub async fn index_audit_subjects(&self) -> Result<u64, StoreError> {
+        Ok(self.index_audit_run().await?.events)
+    }
+
+    /// Runs of the indexer until one is not full (everything appended so far is indexed, or a
+    /// gap stops it); how many events they indexed. Each run commits on its own, so an error
+    /// keeps the runs before it.
+    pub async fn index_audit_backlog(&self) -> Result<u64, StoreError> {
+        let mut events = 0;
+        loop {
+            let run = self.index_audit_run().await?;
+            events += run.events;
+            if !run.full {
+                return Ok(events);
+            }
+        }
+    }
+
+    /// One run of the indexer ([`Store::index_audit_subjects`]).
+    pub async fn index_audit_run(&self) -> Result<IndexedRun, StoreError> {
         if let Some(index) = &self.audit_index {
             return index.index().await;
         }
@@ -286,7 +326,7 @@ impl Store {
                 sqlx::query_scalar("SELECT MIN(seq) FROM audit_events").fetch_one(&mut *tx).await?
             };
             let Some(run) = index_run(mark, oldest, &rows) else {
-                return Ok(0);
+                return Ok(IndexedRun::default());
             };
             for chunk in run.entries.chunks(1000) {
                 let mut q = sqlx::QueryBuilder::new("INSERT INTO audit_subjects (subject_id, seq) ");
@@ -299,7 +339,7 @@ impl Store {
             sqlx::query("UPDATE audit_index_state SET indexed_seq = $1 WHERE id = 1")
                 .bind(run.last).execute(&mut *tx).await?;
             tx.commit().await?;
-            Ok(run.events)
+            Ok(IndexedRun::after(&run, rows.len(), rows.len() as i64 >= INDEX_BATCH))
         })
     }
 

@@ -32,7 +32,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 
 use super::{
     SQLITE_BUSY_TIMEOUT, StoreError,
-    audit::{follows_mark, index_run},
+    audit::{IndexedRun, follows_mark, index_run},
 };
 
 /// Most events one run of the index file's writer takes in, in one transaction. Far more than
@@ -40,8 +40,8 @@ use super::{
 /// lock, which no read or append waits for, and its cost is the B-tree pages it dirties, each
 /// written to the index's WAL once per commit however many entries it took. The entries land
 /// at random places (one per event, keyed by subject), so a run of 500 dirtied about one page
-/// per event; one run per tick (everything appended in the last 500 ms, up to this many) writes
-/// each page it touches once for all of them.
+/// per event; a run per tick (everything appended in the last 500 ms, up to this many or
+/// [`FILE_INDEX_TEXT`]) writes each page it touches once for all of them.
 pub(super) const FILE_INDEX_BATCH: i64 = 20_000;
 
 /// Most text of `audit_events.subjects` one run holds, whatever its event count: an event may
@@ -184,7 +184,7 @@ impl IndexWriter {
 
     /// One run: the next events after the mark into the index, the mark moved (see
     /// [`super::Store::index_audit_subjects`]); how many events were indexed.
-    pub(super) async fn index(&self) -> Result<u64, StoreError> {
+    pub(super) async fn index(&self) -> Result<IndexedRun, StoreError> {
         let batch = self.batch.load(Ordering::Relaxed);
         self.on_connection(move |conn| index(conn, batch)).await
     }
@@ -267,16 +267,16 @@ fn read_only_uri(path: &Path) -> String {
 /// The indexer's transaction: check that the index belongs to this trail (else start it over),
 /// read the events after the mark, index the gap-free run ([`index_run`]), move the mark and
 /// record the link at it; nothing when there is no run.
-fn index(conn: &mut Connection, batch: i64) -> Result<u64, StoreError> {
+fn index(conn: &mut Connection, batch: i64) -> Result<IndexedRun, StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mark = checked_mark(&tx)?;
     let mut rows: Vec<(i64, String)> = Vec::new();
+    let mut text = 0;
     {
         let mut select = tx.prepare_cached(
             "SELECT seq, subjects FROM audit_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let mut found = select.query(params![mark, batch])?;
-        let mut text = 0;
         while let Some(row) = found.next()? {
             let subjects: String = row.get(1)?;
             text += subjects.len();
@@ -286,6 +286,8 @@ fn index(conn: &mut Connection, batch: i64) -> Result<u64, StoreError> {
             }
         }
     }
+    // Stopped by a limit rather than by the end of the trail: more may be waiting.
+    let limited = i64::try_from(rows.len()).is_ok_and(|n| n >= batch) || text >= FILE_INDEX_TEXT;
     let oldest = if follows_mark(mark, &rows) {
         None
     } else {
@@ -293,7 +295,7 @@ fn index(conn: &mut Connection, batch: i64) -> Result<u64, StoreError> {
     };
     let Some(run) = index_run(mark, oldest, &rows) else {
         tx.commit()?;
-        return Ok(0);
+        return Ok(IndexedRun::default());
     };
     {
         let mut insert = tx.prepare_cached(
@@ -312,7 +314,7 @@ fn index(conn: &mut Connection, batch: i64) -> Result<u64, StoreError> {
     )?
     .execute(params![run.last, last_mac])?;
     tx.commit()?;
-    Ok(run.events)
+    Ok(IndexedRun::after(&run, rows.len(), limited))
 }
 
 /// The index's mark, after making sure that the index belongs to the trail it sees: if not, it
@@ -380,7 +382,7 @@ mod tests {
 
     use super::*;
     use crate::store::{
-        Backend, Store,
+        Backend, IndexedRun, Store,
         appender::tests::{TestLinker, event},
     };
 
@@ -531,7 +533,13 @@ mod tests {
             .map(|n| vec![Uuid::from_u128(n % 97 + 1)])
             .collect();
         record(&store, &lists).await;
-        assert_eq!(store.index_audit_subjects().await.unwrap(), 1200);
+        assert_eq!(
+            store.index_audit_run().await.unwrap(),
+            IndexedRun {
+                events: 1200,
+                full: false
+            }
+        );
         assert_eq!(store.index_audit_subjects().await.unwrap(), 0);
         let rows = index_rows(&store).await;
         assert_eq!(rows.len(), 1201, "one entry per event, then the mark");
@@ -554,19 +562,52 @@ mod tests {
         assert!(first_run < events);
         record(&store, &vec![many.clone(); events]).await;
         let runs = [
-            store.index_audit_subjects().await.unwrap(),
-            store.index_audit_subjects().await.unwrap(),
-            store.index_audit_subjects().await.unwrap(),
+            store.index_audit_run().await.unwrap(),
+            store.index_audit_run().await.unwrap(),
+            store.index_audit_run().await.unwrap(),
         ];
+        let run = |events: usize, full| IndexedRun {
+            events: events as u64,
+            full,
+        };
         assert_eq!(
             runs,
-            [first_run as u64, (events - first_run) as u64, 0],
-            "the first run stops at the event that reaches the limit; the next takes the rest"
+            [
+                run(first_run, true),
+                run(events - first_run, false),
+                run(0, false)
+            ],
+            "the first run stops at the event that reaches the limit, saying more may wait; \
+             the next takes the rest"
         );
         let rows = index_rows(&store).await;
         assert_eq!(rows.len(), events * 1000 + 1, "every (subject, event) once");
         assert_eq!(rows.last().unwrap(), &format!("mark {events}"));
         store.close().await;
+    }
+
+    /// The indexer's tick takes runs until one is not full, on both paths: runs of 500 through
+    /// sqlx, runs cut by the size of their subject lists on a file; nothing is left for the next
+    /// tick.
+    #[tokio::test]
+    async fn the_backlog_is_indexed_in_as_many_runs_as_it_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = format!("sqlite://{}", dir.path().join("k.db").display());
+        let many: Vec<Uuid> = (0..1000u128).map(|n| Uuid::from_u128(n + 1)).collect();
+        let mut lists = vec![many; 60];
+        lists.extend((0..1200u128).map(|n| vec![Uuid::from_u128(n % 97 + 1)]));
+        for url in [file.as_str(), "sqlite::memory:"] {
+            let store = open(url).await;
+            record(&store, &lists).await;
+            assert_eq!(store.index_audit_backlog().await.unwrap(), 1260, "{url}");
+            assert_eq!(
+                index_rows(&store).await.last().unwrap(),
+                "mark 1260",
+                "{url}"
+            );
+            assert_eq!(store.index_audit_backlog().await.unwrap(), 0, "{url}");
+            store.close().await;
+        }
     }
 
     /// A database put back from a backup under a newer index: the index's mark is past the

@@ -36,7 +36,7 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-pub use audit::{AUDIT_INDEX_BATCH, AuditFilter, AuditRecord, ChainLinker, StoredAuditEvent};
+pub use audit::{AuditFilter, AuditRecord, ChainLinker, IndexedRun, StoredAuditEvent};
 pub use audit_index::index_file as audit_index_file;
 pub use keys::{DekRow, KeyVersionRow, Rewrapped, RewrappedKey, RootCheckRow};
 pub use retention::{HoldRow, MarkedSubject, RecordRow};
