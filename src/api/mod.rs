@@ -201,10 +201,7 @@ pub async fn serve(
         }
         None => {
             router
-                .serve_with_incoming_shutdown(
-                    tcp_incoming(listener).map(|c| c.map(conn_io::Unvectored)),
-                    shutdown,
-                )
+                .serve_with_incoming_shutdown(plain_incoming(listener), shutdown)
                 .await
         }
     };
@@ -217,6 +214,14 @@ fn tcp_incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming 
     tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(60)))
+}
+
+/// Plaintext connections as served: [`tcp_incoming`]'s, with vectored writes hidden from HTTP/2
+/// ([`conn_io`]).
+fn plain_incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<conn_io::Unvectored<tokio::net::TcpStream>>> {
+    tcp_incoming(listener).map(|c| c.map(conn_io::Unvectored))
 }
 
 /// The server stopped with an error.
@@ -259,4 +264,24 @@ pub async fn check_health(
         .await
         .map_err(|e| ServeError(e.to_string()))?;
     Ok(response.into_inner().status == ServingStatus::Serving as i32)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use tokio::{io::AsyncWrite, net::TcpStream};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn served_plaintext_connections_have_nagle_off_and_no_vectored_writes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = std::pin::pin!(plain_incoming(listener));
+        let client = TcpStream::connect(addr).await.unwrap();
+        let served = incoming.next().await.unwrap().unwrap();
+        assert!(!served.is_write_vectored());
+        assert!(served.0.nodelay().unwrap());
+        assert_eq!(served.0.peer_addr().unwrap(), client.local_addr().unwrap());
+    }
 }
