@@ -193,10 +193,7 @@ pub async fn serve(
         Some(tls) => {
             tls.spawn_reloader();
             router
-                .serve_with_incoming_shutdown(
-                    tls::incoming(listener, tls).map(|c| c.map(conn_io::Unvectored)),
-                    shutdown,
-                )
+                .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
                 .await
         }
         None => {

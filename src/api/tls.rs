@@ -26,6 +26,7 @@ use tokio_rustls::{
 };
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 
+use super::conn_io::Unvectored;
 use crate::policy::Role;
 
 /// How long a client may take to finish its handshake before the connection is closed.
@@ -230,11 +231,19 @@ fn build_config(settings: &TlsSettings) -> Result<ServerConfig, TlsError> {
     Ok(config)
 }
 
-/// Accepted connections, handshaken with the configuration in force when each arrived. Each
-/// handshake runs in its own task (a slow client holds up nobody), bounded by a timeout; a failed
-/// handshake (wrong CA, expired or missing client certificate, plaintext client) closes that
-/// connection and is logged at info.
+/// Accepted connections, handshaken with the configuration in force when each arrived, as
+/// served: with vectored writes hidden from HTTP/2 ([`super::conn_io`]). Each handshake runs in
+/// its own task (a slow client holds up nobody), bounded by a timeout; a failed handshake (wrong
+/// CA, expired or missing client certificate, plaintext client) closes that connection and is
+/// logged at info.
 pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<Tls>,
+) -> impl tokio_stream::Stream<Item = Result<Unvectored<TlsStream<TcpStream>>, io::Error>> {
+    handshaken(listener, tls).map(|c| c.map(Unvectored))
+}
+
+fn handshaken(
     listener: TcpListener,
     tls: Arc<Tls>,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
@@ -288,6 +297,8 @@ pub fn incoming(
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use tokio::io::AsyncWrite;
+
     use super::*;
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -310,6 +321,35 @@ mod tests {
             client_roles: HashMap::new(),
             poll: None,
         }
+    }
+
+    #[tokio::test]
+    async fn served_tls_connections_have_no_vectored_writes_and_keep_the_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path());
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(&s.cert).unwrap())
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut served = std::pin::pin!(incoming(listener, Tls::load(s).unwrap()));
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let from = tcp.local_addr().unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let (client, server) = tokio::join!(connector.connect(name, tcp), served.next());
+        let _client = client.unwrap();
+        let server = server.unwrap().unwrap();
+        assert!(!server.is_write_vectored());
+        assert_eq!(server.0.get_ref().0.peer_addr().unwrap(), from);
     }
 
     #[test]
