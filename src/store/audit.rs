@@ -87,7 +87,7 @@ impl IndexedRun {
     pub(super) fn after(run: &IndexRun, read: usize, limited: bool) -> Self {
         Self {
             events: run.events,
-            full: limited && usize::try_from(run.events).is_ok_and(|n| n == read),
+            full: limited && run.events == read as u64,
         }
     }
 }

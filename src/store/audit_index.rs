@@ -22,10 +22,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicI64, Ordering},
-    },
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
@@ -136,7 +133,7 @@ pub(super) struct IndexWriter {
     /// `None` once closed ([`IndexWriter::close`]).
     conn: Arc<Mutex<Option<Connection>>>,
     /// Most events per run: [`FILE_INDEX_BATCH`] (tests set the sqlx path's, to compare runs).
-    batch: AtomicI64,
+    batch: i64,
 }
 
 impl IndexWriter {
@@ -173,19 +170,14 @@ impl IndexWriter {
         conn.execute("ATTACH DATABASE ?1 AS trail", [read_only_uri(main)])?;
         Ok(Self {
             conn: Arc::new(Mutex::new(Some(conn))),
-            batch: AtomicI64::new(FILE_INDEX_BATCH),
+            batch: FILE_INDEX_BATCH,
         })
-    }
-
-    #[cfg(test)]
-    fn set_batch(&self, batch: i64) {
-        self.batch.store(batch, Ordering::Relaxed);
     }
 
     /// One run: the next events after the mark into the index, the mark moved (see
     /// [`super::Store::index_audit_subjects`]); how many events were indexed.
     pub(super) async fn index(&self) -> Result<IndexedRun, StoreError> {
-        let batch = self.batch.load(Ordering::Relaxed);
+        let batch = self.batch;
         self.on_connection(move |conn| index(conn, batch)).await
     }
 
@@ -470,14 +462,14 @@ mod tests {
         let file = format!("sqlite://{}", dir.path().join("k.db").display());
         let mut outcomes = Vec::new();
         for url in [file.as_str(), "sqlite::memory:"] {
-            let store = open(url).await;
+            let mut store = open(url).await;
             assert_eq!(
                 store.audit_index.is_some(),
                 url == file,
                 "a file's index has a writer of its own"
             );
-            if let Some(writer) = &store.audit_index {
-                writer.set_batch(super::super::audit::INDEX_BATCH);
+            if let Some(writer) = &mut store.audit_index {
+                Arc::get_mut(writer).unwrap().batch = super::super::audit::INDEX_BATCH;
             }
             record(&store, &lists).await;
             let mut counts = vec![store.index_audit_subjects().await.unwrap()];
