@@ -329,10 +329,9 @@ fn append_linked(
     linker: &dyn ChainLinker,
     events: &[&AuditRecord],
 ) -> Result<(), StoreError> {
-    let (head_seq, head_mac): (i64, Vec<u8>) =
-        tx.query_row("SELECT seq, mac FROM audit_head WHERE id = 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
+    let (head_seq, head_mac): (i64, Vec<u8>) = tx
+        .prepare_cached("SELECT seq, mac FROM audit_head WHERE id = 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     let (linked, head) = link_events(linker, head_seq, &head_mac, events)?;
     {
         let mut insert = tx.prepare_cached(
