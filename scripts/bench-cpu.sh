@@ -3,12 +3,14 @@
 # generator: reads both processes' user+system time from /proc over 6 s of the measured window.
 #
 #   scripts/bench-cpu.sh get        # or health, find, create; needs target/release/kluis-bench
+#   KLUIS_BIN_DIR=/tmp/other-build scripts/bench-cpu.sh get   # another build's binaries
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scenario=${1:?usage: scripts/bench-cpu.sh SCENARIO}
+bin=${KLUIS_BIN_DIR:-target/release}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-target/release/kluis-bench --seed 20000 --scenarios "$scenario" --mode closed --duration 12 --warmup 2 >"$log" 2>&1 &
+"$bin/kluis-bench" --seed 20000 --scenarios "$scenario" --mode closed --duration 12 --warmup 2 >"$log" 2>&1 &
 bench=$!
 for _ in $(seq 240); do grep -q "$scenario: closed" "$log" && break; sleep 0.5; done
 sleep 4 # past the warm-up, into the measured window
