@@ -10,15 +10,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scenario=${1:?usage: scripts/bench-threads.sh SCENARIO}
-bin=${KLUIS_BIN_DIR:-target/release}
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-"$bin/kluis-bench" --seed 20000 --scenarios "$scenario" --mode closed --duration 12 --warmup 2 >"$log" 2>&1 &
-bench=$!
-for _ in $(seq 240); do grep -q "$scenario: closed" "$log" && break; sleep 0.5; done
-sleep 4 # past the warm-up, into the measured window
-server=$(sed -n 's/^started .* (pid \([0-9]*\)).*/\1/p' "$log")
-[[ -n "$server" ]] || { echo "no server pid in the bench output" >&2; exit 1; }
+# shellcheck source=scripts/bench-start.sh
+source scripts/bench-start.sh
 # One line per thread: id, name, nanoseconds run, nanoseconds waited on a run queue, times scheduled.
 snapshot() {
     for task in /proc/"$server"/task/*; do
