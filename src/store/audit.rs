@@ -274,14 +274,9 @@ impl Store {
             .collect())
     }
 
-    /// Takes the next events after the indexer's mark into `audit_subjects` (sorted, so one
-    /// B-tree page takes many entries) and moves the mark, in one transaction. Returns how many
-    /// events were indexed; instances racing here index the same rows idempotently.
-    ///
-    /// A SQLite file's index is a file of its own with a writer of its own
-    /// ([`super::audit_index`]), so a run never holds the main file's write lock, for which every
-    /// read's audit event waits. Elsewhere the run is this sqlx transaction.
-    pub async fn index_audit_subjects(&self) -> Result<u64, StoreError> {
+    /// How many events one run of the indexer took ([`Store::index_audit_run`]); tests.
+    #[cfg(test)]
+    pub(crate) async fn index_audit_subjects(&self) -> Result<u64, StoreError> {
         Ok(self.index_audit_run().await?.events)
     }
 
@@ -299,8 +294,15 @@ impl Store {
         }
     }
 
-    /// One run of the indexer ([`Store::index_audit_subjects`]).
-    pub async fn index_audit_run(&self) -> Result<IndexedRun, StoreError> {
+    /// One run of the indexer: takes the next events after its mark into `audit_subjects`
+    /// (sorted, so one B-tree page takes many entries) and moves the mark, in one transaction;
+    /// how many events it indexed and whether it stopped at its limit. Instances racing here
+    /// index the same rows idempotently.
+    ///
+    /// A SQLite file's index is a file of its own with a writer of its own
+    /// ([`super::audit_index`]), so a run never holds the main file's write lock, for which every
+    /// read's audit event waits. Elsewhere the run is this sqlx transaction.
+    pub(crate) async fn index_audit_run(&self) -> Result<IndexedRun, StoreError> {
         if let Some(index) = &self.audit_index {
             return index.index().await;
         }

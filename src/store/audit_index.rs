@@ -175,7 +175,8 @@ impl IndexWriter {
     }
 
     /// One run: the next events after the mark into the index, the mark moved (see
-    /// [`super::Store::index_audit_subjects`]); how many events were indexed.
+    /// [`super::Store::index_audit_run`]); how many events were indexed, and whether the run
+    /// stopped at a limit.
     pub(super) async fn index(&self) -> Result<IndexedRun, StoreError> {
         let batch = self.batch;
         self.on_connection(move |conn| index(conn, batch)).await
